@@ -1,0 +1,7 @@
+"""``python -m finite`` runs the command-line tool."""
+
+import sys
+
+from finite.cli import main
+
+sys.exit(main())
