@@ -24,9 +24,7 @@ def require_float_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise TypeError(
-            f"{name} must be a real floating-point tensor, got dtype {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}")
     return x
 
 
@@ -39,9 +37,7 @@ def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
         raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
     size = max(ndim, 1)
     if not -size <= dim < size:
-        raise ValueError(
-            f"{name}={dim} is out of range for a tensor with {ndim} dimension(s)"
-        )
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimension(s)")
     return dim % size
 
 

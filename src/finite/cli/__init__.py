@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from finite._version import __version__
-from finite.cli import formats_command
+from finite.cli import audit_command, formats_command
 
-COMMANDS: tuple[ModuleType, ...] = (formats_command,)
+COMMANDS: tuple[ModuleType, ...] = (formats_command, audit_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,9 +13,39 @@ Rules shared by every op here:
 is in ``docs/accuracy.md``.
 """
 
-# OPS-LOGSPACE
-# OPS-ACTIVATIONS
-# OPS-SOFTMAX
-# OPS-LOSSES
-# OPS-REDUCTIONS
-# OPS-SAFE
+from finite.ops.activations import log_sigmoid, sigmoid, softcap, softplus
+from finite.ops.logspace import (
+    log1mexp,
+    log1pexp,
+    logaddexp,
+    logmeanexp,
+    logsubexp,
+    logsumexp,
+)
+from finite.ops.losses import binary_cross_entropy_with_logits, cross_entropy
+from finite.ops.reductions import compensated_sum, l2_norm, mean_var
+from finite.ops.safe import safe_div, safe_log, safe_sqrt
+from finite.ops.softmax import log_softmax, softmax
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "compensated_sum",
+    "cross_entropy",
+    "l2_norm",
+    "log1mexp",
+    "log1pexp",
+    "log_sigmoid",
+    "log_softmax",
+    "logaddexp",
+    "logmeanexp",
+    "logsubexp",
+    "logsumexp",
+    "mean_var",
+    "safe_div",
+    "safe_log",
+    "safe_sqrt",
+    "sigmoid",
+    "softcap",
+    "softmax",
+    "softplus",
+]
