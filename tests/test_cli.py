@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,20 @@ def test_python_dash_m_finite_runs_the_cli():
     )
     assert result.returncode == 0
     assert "usage: finite" in result.stdout
+
+
+def test_a_closed_output_pipe_is_not_reported_as_an_error():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "finite", "formats", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in completed.stderr
+    assert completed.returncode == 0
