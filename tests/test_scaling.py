@@ -965,3 +965,360 @@ def test_gradients_on_two_devices_are_checked_together(poisoned):
     scaler.update()
     assert scaler.get_scale() == 2.0**3 and scaler.scale_tensor.device.type == "cpu"
     assert all(torch.equal(p.detach().cpu(), torch.zeros(3)) for p in params.values())
+
+
+# ----------------------------------------------------------------- fused unscale + clip
+
+
+def torch_two_step(init_scale, clip_norm, seed=0, norm_type=2.0):
+    """torch.amp.GradScaler.unscale_ followed by torch.nn.utils.clip_grad_norm_."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    reference.scale(mse(model, seed) * 50).backward()
+    reference.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm, norm_type)
+    return norm, [p.grad.clone() for p in model.parameters()]
+
+
+def fused(init_scale, clip_norm, seed=0, norm_type=2.0, **scaler_kwargs):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = LossScaler(init_scale=init_scale, **scaler_kwargs)
+    scaler.scale(mse(model, seed) * 50).backward()
+    norm = scaler.unscale_(optimizer, clip_norm=clip_norm, norm_type=norm_type)
+    return norm, [p.grad.clone() for p in model.parameters()], (model, optimizer, scaler)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF])
+@pytest.mark.parametrize("clip_norm", [0.1, 1e9])
+def test_fused_unscale_and_clip_equals_torch_two_step_bitwise_for_power_of_two_scales(
+    norm_type, clip_norm
+):
+    expected_norm, expected_grads = torch_two_step(2.0**16, clip_norm, norm_type=norm_type)
+    norm, grads, _ = fused(2.0**16, clip_norm, norm_type=norm_type)
+    assert torch.equal(norm, expected_norm)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+
+
+@given(init_scale=st.floats(1.0, 2.0**20), seed=st.integers(0, 100))
+def test_fused_unscale_and_clip_equals_torch_two_step_within_float32_rounding(init_scale, seed):
+    init_scale = f32(init_scale)
+    expected_norm, expected_grads = torch_two_step(init_scale, 0.5, seed)
+    norm, grads, _ = fused(init_scale, 0.5, seed, **WIDE_BOUNDS)
+    # Two float32 roundings (of 1/S, of the product) separate the paths.
+    torch.testing.assert_close(norm, expected_norm, rtol=4e-7, atol=0)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=4e-7, atol=1e-45)
+
+
+def test_unscale_without_clip_norm_returns_none():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = LossScaler()
+    scaler.scale(mse(model, 0)).backward()
+    assert scaler.unscale_(optimizer) is None
+
+
+def test_fused_step_equals_torch_grad_scaler_training_with_clipping():
+    model, reference_model = small_model(), small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9)
+    scaler = LossScaler(init_scale=2.0**12, growth_interval=2)
+    reference = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    for seed in range(5):
+        for m, o, s in ((model, optimizer, scaler), (reference_model, reference_optimizer, None)):
+            o.zero_grad()
+            if s is None:
+                reference.scale(mse(m, seed) * 30).backward()
+                reference.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.3)
+                reference.step(o)
+                reference.update()
+            else:
+                s.scale(mse(m, seed) * 30).backward()
+                s.unscale_(o, clip_norm=0.3)
+                s.step(o)
+                s.update()
+    assert scaler.get_scale() == reference.get_scale()
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(("poison", "reason"), [(INF, "inf"), (NAN, "nan")])
+def test_fused_clip_with_a_nonfinite_gradient_skips_and_reports_it(poison, reason):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = LossScaler(init_scale=2.0**10)
+    scaler.scale(mse(model, 0)).backward()
+    model[0].weight.grad[1, 2] = poison
+    before = params_and_state(model, optimizer)
+    norm = scaler.unscale_(optimizer, clip_norm=1.0)
+    assert not math.isfinite(norm.item())
+    assert scaler.step(optimizer) is False
+    scaler.update()
+    assert_bitwise_equal(before, params_and_state(model, optimizer))
+    assert scaler.get_scale() == 2.0**9
+    assert scaler.history[-1].reason == reason
+    report = scaler.overflow_report(model)
+    counts = {"inf": (1, 0), "nan": (0, 1)}[reason]
+    assert [(g.name, g.inf_count, g.nan_count) for g in report.gradients] == [("0.weight", *counts)]
+
+
+def test_fused_clip_on_an_overflow_only_unscales_the_finite_gradients():
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = LossScaler(init_scale=2.0**4)
+    scaler.scale(torch.ones(()))
+    param.grad = torch.tensor([32.0, INF, -48.0])
+    scaler.unscale_(optimizer, clip_norm=1e-3)
+    assert param.grad.tolist() == [2.0, INF, -3.0]
+
+
+def test_fused_headroom_chooses_the_same_next_scale_as_unfused():
+    scales = []
+    for clip in (True, False):
+        model = small_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = LossScaler(init_scale=2.0**10, strategy="headroom")
+        scaler.scale(mse(model, 0) * 1000).backward()
+        if clip:
+            scaler.unscale_(optimizer, clip_norm=1e-3)
+        else:
+            scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales[0] == scales[1]
+
+
+def test_fused_clip_unscales_and_clips_coalesced_sparse_gradients():
+    embedding = torch.nn.Embedding(6, 2, sparse=True)
+    optimizer = torch.optim.SGD(embedding.parameters(), lr=0.1)
+    scaler = LossScaler(init_scale=2.0**3)
+    # Index 1 appears twice: its rows sum to [2, 2] * 3 before scaling.
+    loss = (embedding(torch.tensor([1, 1, 4])) * torch.tensor([3.0, 4.0])).sum()
+    scaler.scale(loss).backward()
+    norm = scaler.unscale_(optimizer, clip_norm=1.0)
+    dense = torch.zeros(6, 2)
+    dense[1] = torch.tensor([6.0, 8.0])
+    dense[4] = torch.tensor([3.0, 4.0])
+    expected = torch.linalg.vector_norm(dense.double()).item()
+    assert norm.item() == pytest.approx(expected, rel=1e-7)
+    torch.testing.assert_close(
+        embedding.weight.grad.to_dense(), dense / (expected + 1e-6), rtol=1e-6, atol=0
+    )
+
+
+def test_fused_clip_never_syncs(monkeypatch):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = LossScaler(strategy="headroom")
+    loss = mse(model, 0)
+    syncs = _CountingSyncs(monkeypatch)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer, clip_norm=1.0)
+    assert syncs.calls == []
+    scaler.step(optimizer)
+    assert syncs.calls == ["tolist"]
+
+
+def test_fused_clip_on_a_disabled_scaler_is_clip_grad_norm():
+    model, reference_model = small_model(), small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mse(model, 0).backward()
+    mse(reference_model, 0).backward()
+    norm = LossScaler(enabled=False).unscale_(optimizer, clip_norm=0.2)
+    expected = torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 0.2)
+    assert torch.equal(norm, expected)
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"clip_norm": -1.0}, ValueError, "clip_norm"),
+        ({"clip_norm": NAN}, ValueError, "clip_norm"),
+        ({"clip_norm": "1"}, TypeError, "clip_norm"),
+        ({"clip_norm": 1.0, "norm_type": 0.0}, ValueError, "norm_type"),
+        ({"clip_norm": 1.0, "norm_type": -INF}, ValueError, "norm_type"),
+        ({"clip_norm": 1.0, "norm_process_group": "default"}, TypeError, "process_group"),
+    ],
+)
+def test_fused_clip_rejects_bad_arguments_before_touching_gradients(kwargs, error, name):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = LossScaler(init_scale=2.0**4)
+    scaler.scale(mse(model, 0)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(error, match=name):
+        scaler.unscale_(optimizer, **kwargs)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    scaler.unscale_(optimizer)  # the failed call did not count as this iteration's unscale_
+
+
+@pytest.mark.cuda
+def test_cuda_fused_clip_never_syncs_and_equals_torch():
+    model = small_model().cuda()
+    reference_model = small_model().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1)
+    scaler = LossScaler()
+    reference = torch.amp.GradScaler("cuda")
+    x, y = (t.cuda() for t in batch(0))
+    reference.scale((reference_model(x) - y).square().mean()).backward()
+    reference.unscale_(reference_optimizer)
+    expected = torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 0.1)
+    scaled = scaler.scale((model(x) - y).square().mean())
+    scaled.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm = scaler.unscale_(optimizer, clip_norm=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(norm, expected)
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+# ----------------------------------------------------------------- veto
+
+
+def vetoed_iteration(scaler, optimizer, param, veto, overflow=False, **step_kwargs):
+    param.grad = torch.full_like(param, INF) if overflow else scaler.scale(torch.ones_like(param))
+    stepped = scaler.step(optimizer, veto=veto, **step_kwargs)
+    scaler.update()
+    return stepped
+
+
+@pytest.mark.parametrize("veto", [True, torch.tensor(True), torch.tensor([1.0]), torch.tensor(3)])
+def test_veto_skips_the_step_leaving_parameters_and_optimizer_state_untouched(veto):
+    model = small_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = LossScaler(init_scale=2.0**10)
+    scaler.scale(mse(model, 0)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    scaler.scale(mse(model, 1)).backward()
+    before = params_and_state(model, optimizer)
+    assert scaler.step(optimizer, veto=veto) is False
+    scaler.update()
+    assert_bitwise_equal(before, params_and_state(model, optimizer))
+
+
+@pytest.mark.parametrize("veto", [False, torch.tensor(False), torch.tensor(0.0), None])
+def test_false_veto_steps(veto):
+    param, optimizer, scaler = single_param_setup()
+    assert vetoed_iteration(scaler, optimizer, param, veto) is True
+    assert not torch.equal(param.detach(), torch.zeros(3))
+
+
+def test_veto_leaves_the_scale_and_its_growth_counter_unchanged():
+    param, optimizer, scaler = single_param_setup({"init_scale": 2.0**10, "growth_interval": 2})
+    # GradScaler's rule counts two finite steps, then grows: the vetoed step in between
+    # does not count.
+    outcomes = [vetoed_iteration(scaler, optimizer, param, veto) for veto in (False, True)]
+    assert scaler.get_scale() == 2.0**10
+    outcomes.append(vetoed_iteration(scaler, optimizer, param, False))
+    assert outcomes == [True, False, True]
+    assert scaler.get_scale() == 2.0**11
+
+
+def test_veto_leaves_the_hysteresis_counter_unchanged():
+    param, optimizer, scaler = single_param_setup({"init_scale": 2.0**10, "hysteresis": 2})
+    vetoed_iteration(scaler, optimizer, param, False, overflow=True)  # hysteresis 2 -> 1
+    vetoed_iteration(scaler, optimizer, param, True)  # a good step would reset it to 2
+    vetoed_iteration(scaler, optimizer, param, False, overflow=True)
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_veto_is_not_an_overflow_in_the_counters_and_history():
+    param, optimizer, scaler = single_param_setup({"init_scale": 2.0**10})
+    vetoed_iteration(scaler, optimizer, param, torch.tensor(True))
+    vetoed_iteration(scaler, optimizer, param, True, veto_reason="spike")
+    vetoed_iteration(scaler, optimizer, param, False)
+    assert scaler.skipped_steps == 2 and scaler.vetoed_steps == 2
+    assert scaler.history == [
+        ScaleRecord(0, 2.0**10, True, "veto"),
+        ScaleRecord(1, 2.0**10, True, "spike"),
+        ScaleRecord(2, 2.0**10, False, None),
+    ]
+    assert scaler.overflow_report() is None
+
+
+def test_overflow_takes_precedence_over_a_veto():
+    param, optimizer, scaler = single_param_setup({"init_scale": 2.0**10})
+    assert vetoed_iteration(scaler, optimizer, param, True, overflow=True) is False
+    assert scaler.get_scale() == 2.0**9
+    assert scaler.vetoed_steps == 0 and scaler.history[-1].reason == "inf"
+
+
+def test_veto_of_one_optimizer_lets_the_other_count_toward_growth():
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    optimizers = [torch.optim.SGD([p], lr=0.1) for p in params]
+    scaler = LossScaler(init_scale=2.0**4, growth_interval=1)
+    for param in params:
+        param.grad = scaler.scale(torch.ones(2))
+    assert scaler.step(optimizers[0], veto=True) is False
+    assert scaler.step(optimizers[1]) is True
+    scaler.update()
+    assert scaler.get_scale() == 2.0**5
+    assert scaler.history[-1] == ScaleRecord(0, 2.0**4, True, "veto")
+
+
+def test_step_with_a_tensor_veto_syncs_once(monkeypatch):
+    param, optimizer, scaler = single_param_setup()
+    param.grad = scaler.scale(torch.ones(3))
+    veto = torch.tensor(True)
+    syncs = _CountingSyncs(monkeypatch)
+    scaler.step(optimizer, veto=veto)
+    scaler.update()
+    assert syncs.calls == ["tolist"]
+
+
+def test_disabled_scaler_still_honours_a_veto():
+    param, optimizer, scaler = single_param_setup({"enabled": False})
+    param.grad = torch.ones(3)
+    assert scaler.step(optimizer, veto=torch.tensor(True)) is False
+    assert torch.equal(param.detach(), torch.zeros(3))
+    assert scaler.step(optimizer, veto=False) is True
+    assert scaler.skipped_steps == 1 and scaler.vetoed_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"veto": "yes"}, TypeError, "veto"),
+        ({"veto": torch.tensor([True, False])}, ValueError, "veto"),
+        ({"veto": torch.tensor(1j)}, TypeError, "veto"),
+        ({"veto": True, "veto_reason": ""}, TypeError, "veto_reason"),
+        ({"veto": True, "veto_reason": 3}, TypeError, "veto_reason"),
+    ],
+)
+def test_step_rejects_a_bad_veto_before_stepping(kwargs, error, name):
+    param, optimizer, scaler = single_param_setup()
+    param.grad = scaler.scale(torch.ones(3))
+    with pytest.raises(error, match=name):
+        scaler.step(optimizer, **kwargs)
+    assert scaler.step(optimizer) is True
+
+
+def test_vetoed_steps_survive_a_state_dict_round_trip():
+    param, optimizer, scaler = single_param_setup()
+    vetoed_iteration(scaler, optimizer, param, True)
+    restored = LossScaler()
+    restored.load_state_dict(roundtrip(scaler.state_dict()))
+    assert restored.vetoed_steps == 1 and restored.history == scaler.history
+
+
+def test_state_dict_without_vetoed_steps_loads_with_zero():
+    param, optimizer, scaler = single_param_setup()
+    vetoed_iteration(scaler, optimizer, param, False)
+    state = scaler.state_dict()
+    del state["vetoed_steps"]
+    restored = LossScaler()
+    restored.load_state_dict(state)
+    assert restored.vetoed_steps == 0 and restored.skipped_steps == 0

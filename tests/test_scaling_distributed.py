@@ -70,6 +70,18 @@ def worker(rank: int, init_file: str, result_dir: str) -> None:
         one_iteration(model, optimizer, headroom, rank, grad_size=4.0 if rank == 1 else 1.0)
         results["headroom_scale"] = headroom.get_scale()
 
+        # A veto on rank 1 only (a spike in its own loss) skips the step on every rank.
+        model, optimizer = replica()
+        vetoing = LossScaler(init_scale=2.0**10, process_group="default")
+        optimizer.zero_grad()
+        vetoing.scale(model(torch.ones(4, 3)).sum()).backward()
+        results["veto_stepped"] = vetoing.step(
+            optimizer, veto=torch.tensor(rank == 1), veto_reason="spike"
+        )
+        vetoing.update()
+        results["veto_record"] = tuple(vetoing.history[-1])
+        results["veto_params"] = [p.detach().clone() for p in model.parameters()]
+
         model, optimizer = replica()
         unaware = LossScaler(init_scale=2.0**10)
         with warnings.catch_warnings(record=True) as caught:
@@ -131,3 +143,11 @@ def test_without_process_group_ranks_disagree_and_a_warning_fires_once(rank_resu
     for r in rank_results:
         assert len(r["unaware_warnings"]) == 1
         assert "process_group" in r["unaware_warnings"][0]
+
+
+def test_a_veto_on_one_rank_skips_the_step_on_every_rank(rank_results):
+    assert [r["veto_stepped"] for r in rank_results] == [False, False]
+    assert [r["veto_record"] for r in rank_results] == [(0, 2.0**10, True, "spike")] * 2
+    initial = [p.detach() for p in replica()[0].parameters()]
+    for r in rank_results:
+        assert all(torch.equal(a, b) for a, b in zip(r["veto_params"], initial, strict=True))

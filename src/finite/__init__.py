@@ -7,13 +7,27 @@ weight updates, gradient clipping), *detects* them while training runs and
 
 from finite import ops
 from finite._version import __version__
+from finite.clipping import (
+    AGC,
+    AutoClip,
+    ClipResult,
+    SpikeGuard,
+    SpikeRecord,
+    ZClip,
+    clip_grad_norm_,
+    clip_grad_value_,
+    total_norm,
+)
 from finite.formats import FORMATS, CastReport, FloatFormat, cast_report, get_format, round_to
 from finite.precision import CompensatedOptimizer, MasterWeights, compensated
 from finite.scaling import LossScaler, NonFiniteGradient, OverflowReport, ScalerConfig, ScaleRecord
 
 __all__ = [
+    "AGC",
     "FORMATS",
+    "AutoClip",
     "CastReport",
+    "ClipResult",
     "CompensatedOptimizer",
     "FloatFormat",
     "LossScaler",
@@ -22,10 +36,16 @@ __all__ = [
     "OverflowReport",
     "ScaleRecord",
     "ScalerConfig",
+    "SpikeGuard",
+    "SpikeRecord",
+    "ZClip",
     "__version__",
     "cast_report",
+    "clip_grad_norm_",
+    "clip_grad_value_",
     "compensated",
     "get_format",
     "ops",
     "round_to",
+    "total_norm",
 ]

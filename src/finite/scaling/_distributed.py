@@ -35,7 +35,7 @@ def all_reduce_max_(flags: torch.Tensor, process_group: dist.ProcessGroup | str)
             "LossScaler was given a process_group but torch.distributed is not initialised; "
             "call torch.distributed.init_process_group() first"
         )
-    group = None if process_group == "default" else process_group
+    group = process_group if isinstance(process_group, dist.ProcessGroup) else None
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
 
 

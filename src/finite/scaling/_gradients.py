@@ -13,6 +13,11 @@ from collections import defaultdict
 
 import torch
 
+try:  # torch.distributed.tensor is absent from builds without distributed support.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = None  # type: ignore[assignment,misc]
+
 GradientGroups = dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]
 
 _HALF_PRECISION_ADVICE = {
@@ -37,10 +42,23 @@ def parameter_label(optimizer: torch.optim.Optimizer, group_index: int, index: i
     return f"param_groups[{group_index}]['params'][{index}]"
 
 
+def local_values(grad: torch.Tensor) -> torch.Tensor:
+    """The values this process holds: a DTensor's local shard, a sparse tensor's values."""
+    if DTensor is not None and isinstance(grad, DTensor):
+        grad = grad.to_local()
+    return grad._values() if grad.layout is torch.sparse_coo else grad
+
+
 def _dense_view(param: torch.Tensor) -> torch.Tensor:
-    """The tensor holding the values of ``param.grad``, coalescing a sparse gradient in place."""
+    """The tensor holding the values of ``param.grad``, coalescing a sparse gradient in place.
+
+    For a DTensor (FSDP2) it is the local shard, a view: unscaling is elementwise and the
+    found-inf flag is agreed over the process group, so each rank handles its own shard.
+    """
     grad = param.grad
     assert grad is not None
+    if DTensor is not None and isinstance(grad, DTensor):
+        grad = grad.to_local()
     if grad.layout is torch.strided:
         return grad
     if grad.layout is torch.sparse_coo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import numbers
 import warnings
 from collections import deque
 from collections.abc import Mapping
@@ -13,6 +14,16 @@ import torch
 import torch.distributed as dist
 
 from finite._checks import require_float_tensor
+from finite.clipping.norms import (
+    check_max,
+    check_norm_type,
+    clip_coefficient,
+    clip_grad_norm_,
+    domains_norm,
+    scale_,
+    split_domains,
+)
+from finite.clipping.norms import check_process_group as check_norm_process_group
 from finite.scaling._distributed import all_reduce_max_, check_process_group, ranks_may_disagree
 from finite.scaling._gradients import (
     group_gradients,
@@ -67,7 +78,17 @@ class _OptimizerIteration:
     found_inf: torch.Tensor | None = None  # float32 0-d on the scale's device, > 0 on overflow
     largest_grad: torch.Tensor | None = None  # float64 0-d, headroom strategy only
     agreed: bool = False  # found_inf (and largest_grad) all-reduced over the process group
-    outcome: tuple[bool, float] | None = None  # set by step(): (skipped, scale in use)
+    outcome: _Outcome | None = None  # set by step()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What step() decided for one optimizer."""
+
+    skipped: bool
+    scale: float  # the scale in use
+    overflowed: bool  # skipped for inf/NaN gradients (on some rank)
+    veto_reason: str | None  # skipped by a veto with finite gradients: its reason
 
 
 def _power_of_two_exponent_below_float16_max(largest: torch.Tensor) -> torch.Tensor:
@@ -101,11 +122,14 @@ class LossScaler:
             (S * loss).backward()                                      # scale(loss)
             for each optimizer:
                 g <- g / S;  found_inf <- any(g is inf or NaN)          # unscale_, fused, no sync
-                found_inf <- max over the ranks of process_group        # if given
-                if found_inf: skip optimizer.step()                    # step: the one host sync
-                else:         optimizer.step()
+                  or, with clip_norm c (one read, one write):          # unscale_(opt, c)
+                N <- ||g||/S;  found_inf <- N not finite;  g <- g/S * min(c/(N+1e-6), 1)
+                found_inf, veto <- max over the ranks of process_group  # if given
+                if found_inf or veto: skip optimizer.step()            # step: the one host sync
+                else:                 optimizer.step()
             update():                                                  # no sync
-                if any optimizer found_inf:
+                if every optimizer was vetoed (finite gradients): keep S and the counters
+                elif any optimizer found_inf:
                     growth_tracker <- 0
                     if hysteresis_left > 1: hysteresis_left -= 1       # hold S
                     else:                   S <- S * backoff_factor [0.5]
@@ -203,8 +227,10 @@ class LossScaler:
     >>> scaler.get_scale()
     1024.0
 
-    With gradient clipping, unscale first: ``scaler.unscale_(optimizer)``,
-    ``torch.nn.utils.clip_grad_norm_(...)``, ``scaler.step(optimizer)``, ``scaler.update()``.
+    With gradient clipping, let :meth:`unscale_` clip in the same pass:
+    ``scaler.unscale_(optimizer, clip_norm=1.0)`` (it returns the unscaled pre-clip norm),
+    then ``scaler.step(optimizer)``, ``scaler.update()``. To skip a step for another reason
+    (a loss spike), pass ``scaler.step(optimizer, veto=flag)``.
     Call ``scheduler.step()`` only when :meth:`step` returned True so that skipped steps do
     not advance the learning-rate schedule.
 
@@ -213,6 +239,8 @@ class LossScaler:
     P. Micikevicius et al., "Mixed Precision Training", ICLR 2018 (loss scaling).
     Microsoft DeepSpeed, ``deepspeed/runtime/fp16/loss_scaler.py`` (hysteresis).
     ``torch.amp.GradScaler`` (the fused unscale/check and update kernels).
+    R. Pascanu, T. Mikolov, Y. Bengio, "On the difficulty of training recurrent neural
+    networks", ICML 2013 (gradient-norm clipping).
     """
 
     def __init__(
@@ -266,6 +294,7 @@ class LossScaler:
         # Host bookkeeping: every value here is known without waiting for the device.
         self._step = 0
         self._skipped_steps = 0
+        self._vetoed_steps = 0
         self._last_step_skipped = False
         self._history: deque[ScaleRecord] = deque(maxlen=self._config.history_size)
         self._last_overflow: OverflowCapture | None = None
@@ -339,13 +368,64 @@ class LossScaler:
             )
         return self._iterations.get(id(optimizer), _OptimizerIteration())
 
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide the optimizer's gradients by the scale in place and check them for inf/NaN.
+    def unscale_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip_norm: float | None = None,
+        *,
+        norm_type: float = 2.0,
+        norm_process_group: dist.ProcessGroup | None = None,
+    ) -> torch.Tensor | None:
+        """Divide the optimizer's gradients by the scale in place and check them for inf/NaN;
+        with ``clip_norm``, clip their total norm in the same pass.
 
-        Call it explicitly only to work on unscaled gradients before :meth:`step` (e.g. to
-        clip them); :meth:`step` calls it otherwise. No host synchronisation. Sparse COO
-        gradients are coalesced (``.grad`` is replaced) so that duplicate indices are summed
-        before the check. With ``strategy="headroom"`` it also records ``max|g|``.
+        Call it explicitly only to work on unscaled gradients before :meth:`step`;
+        :meth:`step` calls it otherwise. No host synchronisation. Sparse COO gradients are
+        coalesced (``.grad`` is replaced) so that duplicate indices are summed before the
+        check. With ``strategy="headroom"`` it also records ``max|g|``.
+
+        **Fused clipping.** ``unscale_(optimizer, clip_norm=c)`` replaces ``unscale_``
+        followed by ``clip_grad_norm_(params, c)``, which read and write every gradient
+        twice more. Here one reduction reads the scaled gradients ``G`` for their norm, and
+        one multiply writes them::
+
+            N <- ||G||_p / S                          # the unscaled pre-clip norm
+            found_inf <- N is inf or NaN              # an inf/NaN in G makes ||G|| non-finite
+            G <- G * (1/S) * min(c / (N + 1e-6), 1)   # (1/S only when found_inf)
+
+        For a power-of-two scale (the default) the results equal torch's two-step path
+        bit for bit, barring subnormal gradients; otherwise within float32 rounding. Two
+        edges differ: the found-inf flag is also raised when ``||G||`` overflows float32
+        although every element is finite (``||G|| > 3.4e38``; lowering the scale is the
+        right answer then too), and ``norm_type`` must be positive (an inf contributes
+        nothing to a 0- or negative-order "norm", so it would go unnoticed). On a
+        found-inf step the gradients are only unscaled (not clipped), so that
+        :meth:`overflow_report` still sees which were inf and which NaN.
+
+        DTensor gradients (FSDP2) are reduced over their mesh, so every rank clips with
+        the norm of the full gradients. ``norm_process_group`` is ``clip_grad_norm_``'s
+        ``process_group``: ranks that hold *different* parameters (pipeline stages). The
+        found-inf flag is agreed over the scaler's ``process_group`` at :meth:`step`, as
+        without clipping.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            The optimizer whose gradients are unscaled.
+        clip_norm : float, optional
+            Largest allowed total norm of the unscaled gradients (>= 0); None to only
+            unscale.
+        norm_type : float, default 2.0
+            ``p`` of the p-norm (> 0 or inf); used only with ``clip_norm``.
+        norm_process_group : ProcessGroup, optional
+            Used only with ``clip_norm``; see above.
+
+        Returns
+        -------
+        Tensor or None
+            With ``clip_norm``: the total norm of the unscaled gradients before clipping
+            (0-d, float32 or float64 as the gradients, on the device of the first
+            gradient; inf/NaN on a found-inf step). None without ``clip_norm``.
 
         Raises
         ------
@@ -354,10 +434,24 @@ class LossScaler:
             before any loss was scaled when the optimizer has no gradients.
         TypeError
             If a gradient is float16/bfloat16 (use :class:`finite.MasterWeights`) or has an
-            unsupported layout.
+            unsupported layout, or a clipping argument has the wrong type.
+        ValueError
+            If ``clip_norm`` is negative or NaN, or ``norm_type`` is not positive.
         """
+        if clip_norm is not None:
+            clip_norm = check_max(clip_norm, "clip_norm")
+            norm_type = check_norm_type(norm_type)
+            if not norm_type > 0:
+                raise ValueError(
+                    "unscale_(clip_norm=...) needs norm_type > 0 (or inf) so that an inf "
+                    f"gradient makes the norm non-finite; got {norm_type!r}"
+                )
+            check_norm_process_group(norm_process_group)
         if not self._config.enabled:
-            return
+            if clip_norm is None:
+                return None
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            return clip_grad_norm_(params, clip_norm, norm_type, process_group=norm_process_group)
         iteration = self._iteration_of(optimizer)
         if iteration.stage is _Stage.UNSCALED:
             raise RuntimeError(
@@ -366,6 +460,7 @@ class LossScaler:
             )
         if iteration.stage is _Stage.STEPPED:
             raise RuntimeError("unscale_() was called after step() for this optimizer")
+        norm = None
         with torch.no_grad():
             groups = group_gradients(optimizer)
             if self._scale is None:
@@ -379,44 +474,120 @@ class LossScaler:
             # The reciprocal in float64 is correctly rounded to float32 (exact for powers of two).
             inv_scale = self._scale.double().reciprocal().float()
             device = self._scale.device
-            iteration.found_inf = unscale_and_find_nonfinite_(groups, inv_scale, device)
-            if self._config.strategy == "headroom":
-                iteration.largest_grad = largest_magnitude(groups, device)
+            if clip_norm is None:
+                iteration.found_inf = unscale_and_find_nonfinite_(groups, inv_scale, device)
+                if self._config.strategy == "headroom":
+                    iteration.largest_grad = largest_magnitude(groups, device)
+            else:
+                if self._config.strategy == "headroom":
+                    # Read before the multiply below; exact for a power-of-two scale.
+                    largest = largest_magnitude(groups, device)
+                    iteration.largest_grad = largest * inv_scale.double()
+                norm, iteration.found_inf = self._unscale_and_clip_(
+                    optimizer, inv_scale, clip_norm, norm_type, norm_process_group
+                )
         iteration.stage = _Stage.UNSCALED
         self._iterations[id(optimizer)] = iteration
+        return norm
 
-    def _agree(self, iteration: _OptimizerIteration) -> None:
-        """All-reduce the optimizer's flags over the process group (once per iteration)."""
+    def _unscale_and_clip_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        inv_scale: torch.Tensor,
+        clip_norm: float,
+        norm_type: float,
+        norm_process_group: dist.ProcessGroup | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused pass: (unscaled pre-clip norm, found-inf flag on the scale's device)."""
+        assert self._scale is not None
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # group_gradients has coalesced sparse gradients: their values are scaled in place.
+        domains = split_domains(grads, "gradients", allow_sparse=True)
+        scaled_norm = domains_norm(
+            domains,
+            norm_type,
+            process_group=norm_process_group,
+            device=None if grads else self._scale.device,
+        )
+        inv_scale_here = inv_scale.to(scaled_norm.device, scaled_norm.dtype, non_blocking=True)
+        norm = scaled_norm * inv_scale_here
+        finite = norm.isfinite()
+        # With inf/NaN present the step is skipped; unscaling alone keeps inf and NaN
+        # apart for overflow_report (a zero coefficient would turn every inf into NaN).
+        clip = torch.where(finite, clip_coefficient(norm, clip_norm), 1.0)
+        scale_(domains, inv_scale_here * clip)
+        found_inf = (~finite).to(self._scale.device, torch.float32, non_blocking=True)
+        return norm, found_inf
+
+    def _agree(
+        self, iteration: _OptimizerIteration, veto: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """All-reduce the optimizer's flags (and ``veto``) over the process group, once per
+        iteration; returns the agreed veto (``veto`` itself without a process group)."""
         if self._process_group is None or iteration.agreed:
-            return
+            return veto
         assert iteration.found_inf is not None
         flags = [iteration.found_inf.double()]
         if iteration.largest_grad is not None:
             # Every rank must compute the same next scale, so it sees the global max|g|.
             flags.append(iteration.largest_grad)
+        if veto is not None:
+            # A veto computed from a rank's own loss differs between ranks; one rank's veto
+            # skips the step everywhere, or the replicas would diverge.
+            flags.append(veto.double())
         stacked = torch.stack(flags)
         all_reduce_max_(stacked, self._process_group)
         iteration.found_inf = stacked[0].float()
         if iteration.largest_grad is not None:
             iteration.largest_grad = stacked[1]
         iteration.agreed = True
+        return None if veto is None else stacked[-1]
 
-    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> bool:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *args: Any,
+        veto: bool | torch.Tensor | None = None,
+        veto_reason: str = "veto",
+        **kwargs: Any,
+    ) -> bool:
         """Unscale (if not yet done), then call ``optimizer.step(*args, **kwargs)`` unless
-        the gradients hold inf/NaN.
+        the gradients hold inf/NaN or ``veto`` is true.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            The optimizer to step.
+        *args, **kwargs
+            Passed to ``optimizer.step``.
+        veto : bool or Tensor, optional
+            Skip this step although the gradients are finite: a Python bool, or a
+            one-element device tensor (e.g. from :class:`finite.SpikeGuard`) read in the
+            same host synchronisation as the found-inf flag. A vetoed step is not an
+            overflow: :meth:`update` leaves the scale, its growth counter and the
+            hysteresis untouched when every stepped optimizer was vetoed. With a
+            ``process_group`` the veto is agreed like the found-inf flag (one rank's veto
+            skips the step on every rank), in the same all-reduce.
+        veto_reason : str, default "veto"
+            The ``reason`` :attr:`history` records for a vetoed step (``"spike"`` for a
+            loss-spike guard). An overflow in the same step takes precedence.
 
         Returns
         -------
         bool
             True when the optimizer stepped; False when the step was skipped, in which case
-            the parameters and the optimizer state are left bit-for-bit untouched and the
-            per-parameter inf/NaN counts are recorded for :meth:`overflow_report`.
+            the parameters and the optimizer state are left bit-for-bit untouched and, for
+            an overflow, the per-parameter inf/NaN counts are recorded for
+            :meth:`overflow_report`.
 
         Raises
         ------
         RuntimeError
             If called twice for one optimizer in an iteration, or with a closure (the
             closure would recompute unscaled gradients).
+        TypeError, ValueError
+            If ``veto`` is not a bool or a one-element tensor, or ``veto_reason`` is not a
+            non-empty string.
         FloatingPointError
             With ``on_min_scale="raise"``, when ``patience`` consecutive iterations
             overflowed at the minimum scale.
@@ -424,12 +595,20 @@ class LossScaler:
         Notes
         -----
         This is the scaler's one host synchronisation per optimizer: the skip decision
-        needs the found-inf flag on the host. The flag and the current scale are read with
-        a single device-to-host copy, after the all-reduce over ``process_group``.
+        needs the found-inf flag on the host. The flag, the veto and the current scale are
+        read with a single device-to-host copy, after the all-reduce over
+        ``process_group``. With ``enabled=False`` a tensor ``veto`` is still honoured (one
+        synchronisation to read it).
         """
+        veto_flag = _check_veto(veto, veto_reason)
         if not self._config.enabled:
-            optimizer.step(*args, **kwargs)
-            return True
+            vetoed = bool(veto_flag) if veto_flag is not None else False
+            if not vetoed:
+                optimizer.step(*args, **kwargs)
+            self._skipped_steps += vetoed
+            self._vetoed_steps += vetoed
+            self._last_step_skipped = vetoed
+            return not vetoed
         if "closure" in kwargs or any(callable(arg) for arg in args):
             raise RuntimeError(
                 "LossScaler.step() does not support closures: the closure would recompute "
@@ -445,17 +624,36 @@ class LossScaler:
             self.unscale_(optimizer)
             iteration = self._iterations[id(optimizer)]
         self._warn_if_ranks_may_disagree()
-        self._agree(iteration)
-        assert iteration.found_inf is not None and self._scale is not None
-        found_inf, scale = torch.stack((iteration.found_inf, self._scale)).tolist()
-        skipped = found_inf > 0
-        if skipped:
-            self._record_overflow(optimizer, scale)
+        assert self._scale is not None
+        veto_tensor = None
+        if isinstance(veto_flag, torch.Tensor):
+            veto_tensor = veto_flag.reshape(()).to(
+                self._scale.device, torch.float32, non_blocking=True
+            )
+        elif veto_flag is not None and self._process_group is not None:
+            # A Python bool may differ between ranks too: agree on it in the same all-reduce.
+            veto_tensor = torch.full((), float(veto_flag), device=self._scale.device)
+        agreed_veto = self._agree(iteration, veto_tensor)
+        assert iteration.found_inf is not None
+        if agreed_veto is None:
+            found_inf, scale = torch.stack((iteration.found_inf, self._scale)).tolist()
+            vetoed = bool(veto_flag)
         else:
+            flags = (iteration.found_inf, self._scale, agreed_veto.float())
+            found_inf, scale, vetoed_value = torch.stack(flags).tolist()
+            vetoed = vetoed_value != 0
+        overflowed = found_inf > 0
+        skipped = overflowed or vetoed
+        if overflowed:
+            self._record_overflow(optimizer, scale)
+        elif not vetoed:
             optimizer.step(*args, **kwargs)
         iteration.stage = _Stage.STEPPED
-        iteration.outcome = (skipped, scale)
+        iteration.outcome = _Outcome(
+            skipped, scale, overflowed, veto_reason if vetoed and not overflowed else None
+        )
         self._skipped_steps += skipped
+        self._vetoed_steps += vetoed and not overflowed
         self._last_step_skipped = skipped
         return not skipped
 
@@ -514,7 +712,12 @@ class LossScaler:
         iterations = list(self._iterations.values())
         for iteration in iterations:
             self._agree(iteration)
-        if self._config.dynamic:
+        # A vetoed step says nothing about the scale: with every optimizer vetoed (and
+        # none overflowed, or it would not count as vetoed) the scale state stays as is.
+        all_vetoed = all(
+            it.outcome is not None and it.outcome.veto_reason is not None for it in iterations
+        )
+        if self._config.dynamic and not all_vetoed:
             self._update_scale(iterations)
         self._close_iteration(iterations)
 
@@ -549,13 +752,16 @@ class LossScaler:
 
     def _close_iteration(self, iterations: list[_OptimizerIteration]) -> None:
         outcomes = [it.outcome for it in iterations if it.outcome is not None]
-        skipped = any(step_skipped for step_skipped, _ in outcomes)
+        skipped = any(outcome.skipped for outcome in outcomes)
+        overflowed = any(outcome.overflowed for outcome in outcomes)
         if outcomes:
             capture, reason = self._last_overflow, None
-            if skipped and capture is not None and capture.step == self._step:
+            if overflowed and capture is not None and capture.step == self._step:
                 reason = capture.reason
-            self._history.append(ScaleRecord(self._step, outcomes[0][1], skipped, reason))
-        if not skipped:
+            elif skipped:
+                reason = next(o.veto_reason for o in outcomes if o.veto_reason is not None)
+            self._history.append(ScaleRecord(self._step, outcomes[0].scale, skipped, reason))
+        if not overflowed:
             self._overflow_streak_at_min_scale = 0
         self._iterations = {}
         self._step += 1
@@ -565,6 +771,12 @@ class LossScaler:
     def skipped_steps(self) -> int:
         """Number of :meth:`step` calls that skipped their optimizer (no sync)."""
         return self._skipped_steps
+
+    @property
+    def vetoed_steps(self) -> int:
+        """Number of :meth:`step` calls skipped by ``veto`` with finite gradients (no sync);
+        they are included in :attr:`skipped_steps`."""
+        return self._vetoed_steps
 
     @property
     def last_step_skipped(self) -> bool:
@@ -639,6 +851,7 @@ class LossScaler:
             "hysteresis_left": int(hysteresis_left),
             "step": self._step,
             "skipped_steps": self._skipped_steps,
+            "vetoed_steps": self._vetoed_steps,
             "last_step_skipped": self._last_step_skipped,
             "overflow_streak_at_min_scale": self._overflow_streak_at_min_scale,
             "history": [tuple(record) for record in self._history],
@@ -694,6 +907,8 @@ class LossScaler:
         if "config" in state_dict:
             self._step = _loaded_int(state_dict["step"], "step")
             self._skipped_steps = _loaded_int(state_dict["skipped_steps"], "skipped_steps")
+            # Absent from checkpoints written before vetoes existed.
+            self._vetoed_steps = _loaded_int(state_dict.get("vetoed_steps", 0), "vetoed_steps")
             self._last_step_skipped = bool(state_dict["last_step_skipped"])
             self._overflow_streak_at_min_scale = _loaded_int(
                 state_dict["overflow_streak_at_min_scale"], "overflow_streak_at_min_scale"
@@ -742,6 +957,26 @@ class LossScaler:
                 stacklevel=3,
             )
         return clamped
+
+
+def _check_veto(veto: object, veto_reason: object) -> bool | torch.Tensor | None:
+    """``veto`` checked to be None, a bool or a one-element tensor (shape only: no sync)."""
+    if not isinstance(veto_reason, str) or not veto_reason:
+        raise TypeError(f"veto_reason must be a non-empty str, got {veto_reason!r}")
+    if veto is None or isinstance(veto, bool):
+        return veto
+    if isinstance(veto, torch.Tensor):
+        if veto.numel() != 1:
+            raise ValueError(
+                f"veto must be a bool or a one-element tensor; got a tensor of shape "
+                f"{tuple(veto.shape)}"
+            )
+        if veto.is_complex():
+            raise TypeError(f"veto must be a bool or real tensor, got dtype {veto.dtype}")
+        return veto.detach()
+    if isinstance(veto, numbers.Integral):
+        return bool(veto)
+    raise TypeError(f"veto must be None, a bool or a one-element tensor, got {type(veto).__name__}")
 
 
 def _loaded_int(value: object, key: str) -> int:

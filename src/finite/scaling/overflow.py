@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from finite.scaling._gradients import parameter_label
+from finite.scaling._gradients import local_values, parameter_label
 
 #: Largest finite float16 value; activations or gradients above it become inf.
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -27,8 +27,10 @@ class ScaleRecord(NamedTuple):
         Whether an optimizer step was skipped in this iteration.
     reason : str or None
         ``None`` for a taken step; for a skipped one ``"inf"``, ``"nan"`` or ``"inf+nan"``
-        (what this process found in its gradients), or ``"other rank"`` when only another
-        rank of the process group found non-finite gradients.
+        (what this process found in its gradients), ``"other rank"`` when only another
+        rank of the process group found non-finite gradients, or the ``veto_reason`` given
+        to :meth:`LossScaler.step` (``"veto"`` by default, ``"spike"`` from a spike guard)
+        when a veto skipped a step whose gradients were finite.
     """
 
     step: int
@@ -125,7 +127,7 @@ def capture_nonfinite(optimizer: torch.optim.Optimizer, step: int, scale: float)
         for index, param in enumerate(group["params"]):
             if param.grad is None:
                 continue
-            grad = param.grad._values() if param.grad.is_sparse else param.grad
+            grad = local_values(param.grad)
             params.append(param)
             labels.append(parameter_label(optimizer, group_index, index))
             counts.append(torch.stack((grad.isnan().sum(), grad.isinf().sum())))
