@@ -1,8 +1,8 @@
-"""Specification of ``finite.precision.compensated`` and its stochastic rounding.
+"""Specification of ``finite.precision.compensated``.
 
 References are independent of the code under test: float32 optimizer trajectories from
-PyTorch's own optimizers, float64 arithmetic, and ``torch.nextafter`` for the neighbours
-of a value in bfloat16/float16.
+PyTorch's own optimizers and float64 arithmetic. Its stochastic rounding is specified in
+``tests/test_rounding.py``.
 """
 
 import io
@@ -15,75 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from finite.precision import CompensatedOptimizer, compensated
-from finite.precision._stochastic_rounding import stochastic_round
 
 LOW = [torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
-def neighbours(x64: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The values of ``dtype`` just below and above (or at) each float64 value."""
-    nearest = x64.to(dtype)
-    up = torch.nextafter(nearest, torch.full_like(nearest, math.inf))
-    down = torch.nextafter(nearest, torch.full_like(nearest, -math.inf))
-    above = nearest.double() >= x64
-    lo = torch.where(above, down, nearest).double()
-    hi = torch.where(above, nearest, up).double()
-    exact = nearest.double() == x64
-    return torch.where(exact, x64, lo), torch.where(exact, x64, hi)
-
-
-# --------------------------------------------------------------------------------------
-# Stochastic rounding
-# --------------------------------------------------------------------------------------
-
-# float32 values between grid points: normal range, float16 subnormals, negatives.
-_BETWEEN_GRID = [1.0 + 2**-9, -1.0 - 3 * 2**-10, 0.3, 1234.567, 3.0e-6, -4.1e-7, 1.0e-7]
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_stochastic_round_is_unbiased(dtype):
-    draws = 40_000
-    x = torch.tensor(_BETWEEN_GRID, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    rounded = stochastic_round(x.expand(draws, -1).contiguous(), dtype, generator).double()
-    lo, hi = neighbours(x.double(), dtype)
-    # Two-point distribution: the std of the mean is at most (hi - lo) / (2 sqrt(draws)).
-    # Allow 5 sigma, plus the 2**-13 bias floor of the 13-16 random bits.
-    tolerance = (hi - lo) * (5 / (2 * math.sqrt(draws)) + 2.0**-13)
-    assert torch.all((rounded.mean(0) - x.double()).abs() <= tolerance)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@given(values=st.lists(st.floats(-6e4, 6e4, width=32), min_size=1, max_size=64))
-def test_stochastic_round_lands_on_a_neighbour(dtype, values):
-    x = torch.tensor(values, dtype=torch.float32)
-    rounded = stochastic_round(x, dtype).double()
-    lo, hi = neighbours(x.double(), dtype)
-    assert torch.all((rounded == lo) | (rounded == hi))
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_stochastic_round_keeps_representable_values(dtype):
-    x = torch.randn(1000).to(dtype)
-    assert torch.equal(stochastic_round(x.float(), dtype), x)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_stochastic_round_outside_finite_range_rounds_to_nearest(dtype):
-    big, eps = torch.finfo(dtype).max, torch.finfo(dtype).eps
-    # Within half an ulp above the largest value (nearest: the largest value), and beyond.
-    just_above, far_above = big * (1 + eps / 8), big * (1 + 4 * eps)
-    x = torch.tensor([math.inf, -math.inf, math.nan, just_above, -just_above, far_above])
-    got = stochastic_round(x, dtype)
-    assert torch.equal(got.isnan(), x.to(dtype).isnan())
-    assert torch.equal(got[~got.isnan()], x.to(dtype)[~got.isnan()])
-
-
-def test_stochastic_round_keeps_the_sign_of_zero():
-    x = torch.tensor([-0.0, -1e-9, -1e-42])
-    for dtype in LOW:
-        assert torch.all(torch.signbit(stochastic_round(x, dtype)))
 
 
 # --------------------------------------------------------------------------------------
@@ -289,6 +223,108 @@ def test_lost_update_fraction_is_zero_when_updates_are_large():
     p.grad = torch.sign(p.detach()) * p.detach().abs().clamp(min=1.0)
     opt.step()
     assert opt.stats()["lost_update_fraction"] == 0.0
+
+
+def step_with_random_grads(opt, p, steps, generator):
+    for _ in range(steps):
+        p.grad = (torch.randn(p.shape, generator=generator) * 0.5).bfloat16()
+        opt.step()
+
+
+def test_meter_runs_at_step_one_and_every_meter_every_steps_after():
+    p = torch.nn.Parameter(torch.randn(100).bfloat16())
+    opt = compensated(torch.optim.SGD([p], lr=1e-3), meter_every=3)
+    g = torch.Generator().manual_seed(0)
+    measured = []
+    for _ in range(8):
+        step_with_random_grads(opt, p, 1, g)
+        measured.append(opt.stats()["measured_at_step"])
+    assert measured == [1, 1, 1, 4, 4, 4, 7, 7]
+    assert opt.stats()["step"] == 8
+
+
+def test_meter_every_zero_never_runs_the_meter():
+    p = torch.nn.Parameter(torch.randn(100).bfloat16())
+    opt = compensated(torch.optim.SGD([p], lr=1e-3), meter_every=0)
+    step_with_random_grads(opt, p, 3, torch.Generator().manual_seed(0))
+    stats = opt.stats()
+    assert math.isnan(stats["lost_update_fraction"])
+    assert stats["measured_at_step"] is None
+    assert stats["step"] == 3
+
+
+def test_stats_between_meter_runs_report_the_last_metered_step():
+    lr = 1e-3
+    g = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(4000, generator=g).bfloat16())
+    opt = compensated(torch.optim.SGD([p], lr=lr), "stochastic", meter_every=2)
+    step_with_random_grads(opt, p, 2, g)
+    w = p.detach().clone()
+    grad = (torch.randn(4000, generator=g) * 3.0).bfloat16()
+    # A tie with half the gap (lr * 3.90625 = 2**-8) would make the count ambiguous.
+    half_gaps = {2.0**k for k in range(-12, -4)}
+    grad[torch.tensor([abs(lr * v) in half_gaps for v in grad.double().tolist()])] = 0.0
+    p.grad = grad  # step 3: metered
+    expected = discarded_by_nearest(w, -lr * p.grad.double()).double().mean().item()
+    opt.step()
+    p.grad = torch.full((4000,), 1e3).bfloat16()  # step 4: not metered, nothing lost
+    opt.step()
+    assert 0.1 < expected < 0.9
+    stats = opt.stats()
+    assert stats["measured_at_step"] == 3
+    assert stats["lost_update_fraction"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["kahan", "stochastic"])
+def test_meter_schedule_does_not_change_the_updates(method):
+    finals = []
+    for meter_every in (1, 0, 3):
+        g = torch.Generator().manual_seed(2)
+        p = torch.nn.Parameter(torch.randn(300, generator=g).bfloat16())
+        inner = torch.optim.AdamW([p], lr=1e-4)
+        opt = compensated(inner, method, torch.Generator().manual_seed(3), meter_every=meter_every)
+        step_with_random_grads(opt, p, 5, g)
+        finals.append(opt.state_dict()["compensated"]["compensation"])
+        finals.append(p.detach().clone())
+    assert torch.equal(finals[1], finals[3]) and torch.equal(finals[1], finals[5])
+    for i in finals[0]:
+        assert torch.equal(finals[0][i], finals[2][i]) and torch.equal(finals[0][i], finals[4][i])
+
+
+def test_meter_schedule_resumes_from_state_dict():
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    opt = compensated(torch.optim.SGD([p], lr=1e-3), meter_every=3)
+    step_with_random_grads(opt, p, 2, torch.Generator().manual_seed(0))
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = compensated(torch.optim.SGD([q], lr=1e-3), meter_every=3)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.stats()["step"] == 2
+    assert resumed.stats()["measured_at_step"] is None
+    step_with_random_grads(resumed, q, 2, torch.Generator().manual_seed(1))
+    assert resumed.stats()["measured_at_step"] == 4
+
+
+@pytest.mark.parametrize("value", [1.5, "2", True, None])
+def test_rejects_a_meter_every_that_is_not_an_int(value):
+    p = torch.nn.Parameter(torch.randn(4).bfloat16())
+    with pytest.raises(TypeError, match="meter_every must be an int, got"):
+        compensated(torch.optim.SGD([p], lr=1.0), meter_every=value)
+
+
+@given(value=st.integers(max_value=-1))
+def test_rejects_a_negative_meter_every(value):
+    p = torch.nn.Parameter(torch.randn(4).bfloat16())
+    with pytest.raises(ValueError, match=rf"meter_every must be >= 0.*got {value}"):
+        compensated(torch.optim.SGD([p], lr=1.0), meter_every=value)
+
+
+def test_load_state_dict_rejects_a_negative_step_count():
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = compensated(torch.optim.SGD([p], lr=1e-3))
+    state = opt.state_dict()
+    state["compensated"]["step"] = -1
+    with pytest.raises(ValueError, match=r"\['step'\] must be an int >= 0, got -1"):
+        opt.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------

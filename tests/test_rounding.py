@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import finite
 from finite.formats import FORMATS, round_to
+from finite.formats.rounding import stochastic_round
 
 CAST_DTYPES = [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 INPUT_DTYPES = [torch.float32, torch.float64]
@@ -371,6 +372,97 @@ def test_stochastic_keeps_nan_and_the_sign_of_zero():
     rounded = round_to(x, "fp16", "stochastic", torch.Generator().manual_seed(0))
     assert math.isnan(rounded[0])
     assert [math.copysign(1, v) for v in rounded[1:].tolist()] == [1, -1, -1]
+
+
+# --- stochastic_round: float32 to a bfloat16/float16 tensor ------------------------------
+
+SIXTEEN_BIT = [torch.bfloat16, torch.float16]
+
+
+def neighbours(x64: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values of ``dtype`` just below and above (or at) each float64 value."""
+    nearest = x64.to(dtype)
+    up = torch.nextafter(nearest, torch.full_like(nearest, math.inf))
+    down = torch.nextafter(nearest, torch.full_like(nearest, -math.inf))
+    above = nearest.double() >= x64
+    lo = torch.where(above, down, nearest).double()
+    hi = torch.where(above, nearest, up).double()
+    exact = nearest.double() == x64
+    return torch.where(exact, x64, lo), torch.where(exact, x64, hi)
+
+
+# float32 values between grid points: normal range, float16 subnormals, negatives.
+_BETWEEN_GRID = [1.0 + 2**-9, -1.0 - 3 * 2**-10, 0.3, 1234.567, 3.0e-6, -4.1e-7, 1.0e-7]
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_stochastic_round_is_unbiased(dtype):
+    draws = 40_000
+    x = torch.tensor(_BETWEEN_GRID, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    rounded = stochastic_round(x.expand(draws, -1).contiguous(), dtype, generator).double()
+    lo, hi = neighbours(x.double(), dtype)
+    # Two-point distribution: the std of the mean is at most (hi - lo) / (2 sqrt(draws)).
+    tolerance = (hi - lo) * 5 / (2 * math.sqrt(draws))
+    assert torch.all((rounded.mean(0) - x.double()).abs() <= tolerance)
+
+
+def test_stochastic_round_resolves_float16_subnormals_to_2_pow_minus_24_of_their_spacing():
+    # 2**-14 of a subnormal spacing above 3 * 2**-24: rounds up with probability 2**-14.
+    draws = 1 << 20
+    x = torch.full((draws,), 3 * 2.0**-24 + 2.0**-38)
+    rounded = stochastic_round(x, torch.float16, torch.Generator().manual_seed(6)).double()
+    assert bool(((rounded == 3 * 2.0**-24) | (rounded == 4 * 2.0**-24)).all())
+    went_up = int((rounded > 3 * 2.0**-24).sum())
+    expected = draws * 2.0**-14
+    assert abs(went_up - expected) < 5 * math.sqrt(expected)
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+@given(values=st.lists(st.floats(-6e4, 6e4, width=32), min_size=1, max_size=64))
+def test_stochastic_round_lands_on_a_neighbour(dtype, values):
+    x = torch.tensor(values, dtype=torch.float32)
+    rounded = stochastic_round(x, dtype)
+    assert rounded.dtype == dtype
+    lo, hi = neighbours(x.double(), dtype)
+    assert torch.all((rounded.double() == lo) | (rounded.double() == hi))
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_stochastic_round_keeps_representable_values(dtype):
+    values = every_finite_value(dtype)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(stochastic_round(values.float(), dtype, generator), values.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_stochastic_round_outside_finite_range_rounds_to_nearest(dtype):
+    big, eps = torch.finfo(dtype).max, torch.finfo(dtype).eps
+    # Within half an ulp above the largest value (nearest: the largest value), and beyond.
+    just_above, far_above = big * (1 + eps / 8), big * (1 + 4 * eps)
+    x = torch.tensor([math.inf, -math.inf, math.nan, just_above, -just_above, far_above])
+    got = stochastic_round(x, dtype)
+    assert torch.equal(got.isnan(), x.to(dtype).isnan())
+    assert torch.equal(got[~got.isnan()], x.to(dtype)[~got.isnan()])
+
+
+def test_stochastic_round_keeps_the_sign_of_zero():
+    x = torch.tensor([-0.0, -1e-9, -1e-42])
+    for dtype in SIXTEEN_BIT:
+        assert torch.all(torch.signbit(stochastic_round(x, dtype)))
+
+
+def test_stochastic_round_rejects_input_other_than_float32():
+    with pytest.raises(TypeError, match=r"x must be a float32 tensor, got dtype torch\.float64"):
+        stochastic_round(torch.ones(2, dtype=torch.float64), torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
+        stochastic_round([1.0], torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn, torch.int8], ids=str)
+def test_stochastic_round_rejects_targets_other_than_16_bit_floats(dtype):
+    with pytest.raises(TypeError, match=rf"dtype must be .*, got {dtype}"):
+        stochastic_round(torch.ones(2), dtype)
 
 
 # --- special values, shapes, errors -----------------------------------------------------

@@ -1,4 +1,9 @@
-"""Rounding a tensor to the values of a floating-point format, with or without a torch dtype."""
+"""Rounding a tensor to the values of a floating-point format, with or without a torch dtype.
+
+:func:`round_to` rounds to any format and keeps the input's dtype; :func:`stochastic_round`
+is its fast path for the common case of mixed-precision training, float32 to a
+bfloat16/float16 tensor, and the one stochastic rounding the optimizers use.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,16 @@ import torch
 from finite._checks import require_choice, require_float_tensor
 from finite.formats.float_format import FloatFormat, get_format
 
+__all__ = ["ROUNDING_MODES", "round_to", "stochastic_round"]
+
 ROUNDING_MODES = ("nearest", "stochastic")
 
 # Input dtype -> (integer dtype of the same width, stored mantissa bits).
 _BIT_LAYOUT = {torch.float32: (torch.int32, 23), torch.float64: (torch.int64, 52)}
+
+# stochastic_round's targets -> their stored mantissa bits.
+_SIXTEEN_BIT = {torch.bfloat16: 7, torch.float16: 10}
+_FLOAT32_MANTISSA_BITS = 23
 
 # Largest power-of-two step used to rescale a tensor: 2**60 is a normal float32 and so are
 # the partial products, so every step is exact.
@@ -48,7 +59,8 @@ def round_to(
         (float32 input) or ``2**-53`` (float64) of the spacing below it. Values beyond
         ``fmt.max`` (and ``±inf``) round to nearest, so stochastic rounding never
         overflows where round-to-nearest would not. One random draw per element from
-        ``generator``, so a seeded generator reproduces the result.
+        ``generator``, so a seeded generator reproduces the result. float32 input
+        rounded to bfloat16/float16 goes through :func:`stochastic_round`.
 
     NaN stays NaN and the sign of zero is kept. The result is detached from autograd:
     rounding has zero derivative almost everywhere (use ``x + (round_to(x, fmt) -
@@ -103,6 +115,9 @@ def round_to(
     fmt = get_format(fmt)
     require_choice(mode, ROUNDING_MODES, "mode")
     x = x.detach()
+    if mode == "stochastic" and x.dtype == torch.float32 and fmt.torch_dtype in _SIXTEEN_BIT:
+        # Same distribution, in fewer passes over memory; rounding back up is exact.
+        return stochastic_round(x, fmt.torch_dtype, generator).to(torch.float32)
     magnitude = x.abs().nan_to_num(nan=0.0, posinf=math.inf)
     rounded = _apply_range(_round_magnitude(magnitude, fmt, mode, generator), fmt)
     return torch.where(x.isnan(), x, rounded.copysign(x))
@@ -185,3 +200,97 @@ def _mul_power_of_two(x: torch.Tensor, exponent: int) -> torch.Tensor:
         x = x * 2.0**step
         exponent -= step
     return x
+
+
+def stochastic_round(
+    x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Round a float32 tensor stochastically to a bfloat16 or float16 tensor, unbiased.
+
+    The distribution is that of ``round_to(x, dtype, "stochastic")``, which calls this
+    function for float32 input: a finite ``x`` with ``|x| <= finfo(dtype).max`` between
+    neighbours ``lo < x < hi`` of ``dtype`` becomes ``hi`` with probability
+    ``(x - lo) / (hi - lo)``, exactly (float16 subnormals: to ``2**-24`` of their
+    spacing), so ``E[stochastic_round(x)] = x``. Values beyond the largest finite value,
+    ``±inf`` and NaN round to nearest, as ``x.to(dtype)`` does; the sign of zero is kept.
+    Returning ``dtype`` directly saves the write and re-read of a float32 result, which
+    matters in an optimizer step that rounds every weight.
+
+    How: float32 shares bfloat16's exponent layout and float16's above ``2**-14``, so
+    there, adding uniform random bits below the target's last mantissa bit of the float32
+    bit pattern and truncating them rounds up with exactly the right probability (a carry
+    out of the dropped bits is the round-up; it moves into the exponent at a binade
+    boundary, which is right too). float16 subnormals lie on a fixed grid of spacing
+    ``2**-24`` that a fixed number of mantissa bits does not follow; they are rounded on
+    that grid with a uniform fraction of 24 random bits.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        float32 tensor, on any device.
+    dtype : torch.dtype
+        ``torch.bfloat16`` or ``torch.float16``.
+    generator : torch.Generator, optional
+        Source of randomness, on ``x.device``; a seeded generator reproduces the result.
+        One draw per element.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x``'s shape, on ``x.device``, of ``dtype``; detached from autograd. No host
+        synchronisation.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a float32 tensor or ``dtype`` is not bfloat16/float16.
+
+    Examples
+    --------
+    >>> x = torch.full((10_000,), 1.0 + 2**-9)  # a quarter of the way to the next bf16
+    >>> rounded = stochastic_round(x, torch.bfloat16, torch.Generator().manual_seed(0))
+    >>> sorted(set(rounded.tolist()))
+    [1.0, 1.0078125]
+
+    References
+    ----------
+    .. [1] S. Gupta, A. Agrawal, K. Gopalakrishnan, P. Narayanan, "Deep Learning with
+       Limited Numerical Precision", ICML 2015.
+    """
+    x = require_float_tensor(x, "x")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be a float32 tensor, got dtype {x.dtype}")
+    if dtype not in _SIXTEEN_BIT:
+        raise TypeError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    x = x.detach()
+    info = torch.finfo(dtype)
+    dropped_bits = _FLOAT32_MANTISSA_BITS - _SIXTEEN_BIT[dtype]
+    # float16's subnormals start above float32's smallest normal; bfloat16's do not.
+    has_own_subnormals = info.tiny > torch.finfo(torch.float32).tiny
+    random_bits = _FLOAT32_MANTISSA_BITS + 1 if has_own_subnormals else dropped_bits
+    noise = torch.randint(
+        0, 1 << random_bits, x.shape, dtype=torch.int32, device=x.device, generator=generator
+    )
+    if has_own_subnormals:
+        # On the grid, y = x / spacing becomes floor(y) + 1 with probability
+        # y - floor(y), else floor(y); unbiased for negative y too. The scalings by powers
+        # of two, floor and the fraction are exact, and the fraction times 2**24 is
+        # compared with 24 random bits: the probability is resolved to 2**-24.
+        spacing_bits = -math.frexp(info.tiny * info.eps)[1] + 1  # spacing = 2**-spacing_bits
+        scaled = x * 2.0**spacing_bits
+        subnormal = scaled.floor()
+        fraction = scaled.sub_(subnormal).mul_(2.0**random_bits)
+        subnormal.add_(noise < fraction)  # noise < 2**24 is exact in float32
+        del scaled, fraction  # bounds the scratch memory to that of the normal path
+        subnormal.mul_(2.0**-spacing_bits).copysign_(x)  # -0 and -tiny keep their "-"
+        noise.bitwise_and_((1 << dropped_bits) - 1)
+    # On the int32 view the sign bit sits apart from the magnitude bits, so the carry
+    # rounds the magnitude up for either sign.
+    rounded = noise.add_(x.view(torch.int32)).bitwise_and_(-(1 << dropped_bits))
+    rounded = rounded.view(torch.float32)
+    magnitude = x.abs()
+    if has_own_subnormals:
+        torch.where(magnitude < info.tiny, subnormal, rounded, out=rounded)
+    # NaN fails the comparison and takes the round-to-nearest branch too.
+    torch.where(magnitude <= info.max, rounded, x, out=rounded)
+    return rounded.to(dtype)

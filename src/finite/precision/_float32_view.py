@@ -14,7 +14,7 @@ from itertools import repeat
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from finite.precision._stochastic_rounding import stochastic_round
+from finite.formats.rounding import stochastic_round
 
 # Counting materialises a bool mask and then an int64 copy of it (9 bytes per element on
 # CUDA); chunks of 2**22 elements bound that scratch to 36 MiB.

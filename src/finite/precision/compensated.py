@@ -45,6 +45,8 @@ def compensated(
     optimizer: torch.optim.Optimizer,
     method: str = "kahan",
     generator: torch.Generator | None = None,
+    *,
+    meter_every: int = 1,
 ) -> CompensatedOptimizer:
     """Wrap ``optimizer`` so that updates to its float16/bfloat16 weights are not rounded away.
 
@@ -59,6 +61,10 @@ def compensated(
     generator : torch.Generator, optional
         Random source of ``"stochastic"`` (on the parameters' device), for reproducible
         runs; ignored by ``"kahan"``.
+    meter_every : int, default 1
+        Run the swamping meter at the first step and every ``meter_every`` steps after
+        (steps 1, 1 + n, 1 + 2n, ...); ``0`` never runs it. The meter is about half of
+        the time the wrapper adds to a step and does not change the updates.
 
     Returns
     -------
@@ -70,9 +76,11 @@ def compensated(
     ------
     TypeError
         If ``optimizer`` is not a ``torch.optim.Optimizer``, ``generator`` is not a
-        ``torch.Generator``, or a parameter is not float16/bfloat16/float32/float64.
+        ``torch.Generator``, ``meter_every`` is not an int, or a parameter is not
+        float16/bfloat16/float32/float64.
     ValueError
-        If ``method`` is unknown or ``optimizer`` is already compensated.
+        If ``method`` is unknown, ``meter_every`` is negative, or ``optimizer`` is
+        already compensated.
 
     Examples
     --------
@@ -84,7 +92,7 @@ def compensated(
     >>> 0.0 <= opt.stats()["lost_update_fraction"] <= 1.0
     True
     """
-    return CompensatedOptimizer(optimizer, method, generator)
+    return CompensatedOptimizer(optimizer, method, generator, meter_every=meter_every)
 
 
 class CompensatedOptimizer(torch.optim.Optimizer):
@@ -104,9 +112,10 @@ class CompensatedOptimizer(torch.optim.Optimizer):
     ``exp_avg_sq`` with ``beta2 = 0.999`` would itself swamp: its per-step change, 0.1%,
     is below half a bfloat16 ulp (0.2-0.4%).
 
-    The swamping meter counts, at each step, the elements whose update plain
-    round-to-nearest would have discarded: ``u != 0`` and ``round_nearest(p + u) == p``.
-    The count stays on the device; :meth:`stats` reads it.
+    The swamping meter counts the elements whose update plain round-to-nearest would have
+    discarded: ``u != 0`` and ``round_nearest(p + u) == p``. It runs at step 1 and every
+    ``meter_every`` steps after (every step by default; ``meter_every=0``: never). The
+    count stays on the device; :meth:`stats` reads it and says at which step it was taken.
 
     Memory: ``"kahan"`` keeps one buffer of the weight's dtype per parameter. While the
     wrapped optimizer runs, each stepped element also has a float32 weight and gradient
@@ -120,11 +129,24 @@ class CompensatedOptimizer(torch.optim.Optimizer):
     supported. The step runs eagerly under ``torch.compile`` (it swaps ``.data``).
     """
 
+    # Set through __setstate__ in __init__ (see there); declared for type checkers.
+    optimizer: torch.optim.Optimizer
+    method: str
+    generator: torch.Generator | None
+    meter_every: int
+    _compensation: dict[torch.Tensor, torch.Tensor]
+    _steps: int
+    _lost_counts: list[torch.Tensor]
+    _measured_elements: int
+    _measured_at_step: int | None
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         method: str = "kahan",
         generator: torch.Generator | None = None,
+        *,
+        meter_every: int = 1,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -137,6 +159,10 @@ class CompensatedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
             )
+        if isinstance(meter_every, bool) or not isinstance(meter_every, int):
+            raise TypeError(f"meter_every must be an int, got {type(meter_every).__name__}")
+        if meter_every < 0:
+            raise ValueError(f"meter_every must be >= 0 (0 disables the meter), got {meter_every}")
         _check_param_dtypes(optimizer.param_groups)
         if not any(p.dtype in LOW_PRECISION for g in optimizer.param_groups for p in g["params"]):
             warnings.warn(
@@ -151,9 +177,12 @@ class CompensatedOptimizer(torch.optim.Optimizer):
                 "optimizer": optimizer,
                 "method": method,
                 "generator": generator,
+                "meter_every": meter_every,
                 "_compensation": {},
+                "_steps": 0,
                 "_lost_counts": [],
                 "_measured_elements": 0,
+                "_measured_at_step": None,
             }
         )
         if optimizer.state:
@@ -189,7 +218,10 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         return self.__dict__.copy()
 
     def __repr__(self) -> str:
-        return f"CompensatedOptimizer(method={self.method!r}, optimizer={self.optimizer!r})"
+        return (
+            f"CompensatedOptimizer(method={self.method!r}, meter_every={self.meter_every}, "
+            f"optimizer={self.optimizer!r})"
+        )
 
     @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -221,8 +253,11 @@ class CompensatedOptimizer(torch.optim.Optimizer):
             finally:
                 for view in views:
                     view.swap_out()
-            self._lost_counts = [view.count_lost_updates() for view in views]
-            self._measured_elements = sum(p.numel() for p in params)
+            self._steps += 1
+            if self.meter_every and (self._steps - 1) % self.meter_every == 0:
+                self._lost_counts = [view.count_lost_updates() for view in views]
+                self._measured_elements = sum(p.numel() for p in params)
+                self._measured_at_step = self._steps
             for view in views:
                 if self.method == "kahan":
                     view.write_back_kahan()
@@ -235,21 +270,30 @@ class CompensatedOptimizer(torch.optim.Optimizer):
             self._compensation[p] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return self._compensation[p]
 
-    def stats(self) -> dict[str, float]:
-        """Numbers about the last step; reading them synchronises with the device.
+    def stats(self) -> dict[str, float | int | None]:
+        """What the swamping meter saw when it last ran; reading it synchronises.
 
         Returns
         -------
         dict
-            ``"lost_update_fraction"``: the fraction of the elements of the stepped
-            float16/bfloat16 parameters whose update (``u != 0``) plain round-to-nearest
-            would have discarded (``round_nearest(w + u) == w``). NaN before the first
-            step or when no such parameter had a gradient.
+            ``"lost_update_fraction"``: at step ``"measured_at_step"``, the fraction of
+            the elements of the stepped float16/bfloat16 parameters whose update
+            (``u != 0``) plain round-to-nearest would have discarded
+            (``round_nearest(w + u) == w``). NaN before the meter first ran or when no
+            such parameter had a gradient then.
+            ``"measured_at_step"``: the step (counting :meth:`step` calls from 1) at which
+            the meter last ran; ``None`` if it has not run.
+            ``"step"``: the number of :meth:`step` calls so far.
         """
-        if self._measured_elements == 0:
-            return {"lost_update_fraction": math.nan}
-        lost = sum(int(count.item()) for count in self._lost_counts)
-        return {"lost_update_fraction": lost / self._measured_elements}
+        fraction = math.nan
+        if self._measured_elements > 0:
+            lost = sum(int(count.item()) for count in self._lost_counts)
+            fraction = lost / self._measured_elements
+        return {
+            "lost_update_fraction": fraction,
+            "measured_at_step": self._measured_at_step,
+            "step": self._steps,
+        }
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients, as the wrapped optimizer's ``zero_grad`` does."""
@@ -264,9 +308,10 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state dict, plus a ``"compensated"`` entry.
 
         ``"compensated"`` holds the method, the compensation buffers (``"kahan"``; keyed
-        by the parameter index used in ``"state"``) and the generator's state (when a
-        generator was given). A plain optimizer of the same type can load the result and
-        ignores the extra entry. Tensors are references, as in PyTorch.
+        by the parameter index used in ``"state"``), the generator's state (when a
+        generator was given) and the step count, which the meter's schedule follows. A
+        plain optimizer of the same type can load the result and ignores the extra entry.
+        Tensors are references, as in PyTorch.
         """
         state_dict = self.optimizer.state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
@@ -276,6 +321,7 @@ class CompensatedOptimizer(torch.optim.Optimizer):
                 i: self._compensation[p] for i, p in enumerate(params) if p in self._compensation
             },
             "generator_state": None if self.generator is None else self.generator.get_state(),
+            "step": self._steps,
         }
         return state_dict
 
@@ -284,18 +330,22 @@ class CompensatedOptimizer(torch.optim.Optimizer):
 
         Optimizer state is loaded in float32. Without a ``"compensated"`` entry (a plain
         optimizer's state dict) the compensation restarts from zero, which is exact for
-        weights that were stored without one. The generator's state is restored when both
-        the saved dict and this optimizer have a generator.
+        weights that were stored without one, and the step count restarts from 0. The
+        generator's state is restored when both the saved dict and this optimizer have a
+        generator. The meter's last reading is not saved: :meth:`stats` has none until
+        the meter runs again.
 
         Raises
         ------
         ValueError
-            If the saved method differs, or a compensation buffer's index or shape does
-            not match a float16/bfloat16 parameter (checked before anything is loaded).
+            If the saved method differs, a compensation buffer's index or shape does not
+            match a float16/bfloat16 parameter, or the saved step count is not an int
+            >= 0 (all checked before anything is loaded).
         """
         saved = state_dict.get("compensated")
         params = [p for group in self.param_groups for p in group["params"]]
         buffers = {} if saved is None else self._check_saved_compensation(saved, params)
+        steps = 0 if saved is None else _saved_step_count(saved)
         inner = {k: v for k, v in state_dict.items() if k != "compensated"}
         self._load_inner_state_dict(inner)
         with torch.no_grad():
@@ -305,6 +355,8 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         generator_state = None if saved is None else saved["generator_state"]
         if generator_state is not None and self.generator is not None:
             self.generator.set_state(generator_state)
+        self._steps = steps
+        self._lost_counts, self._measured_elements, self._measured_at_step = [], 0, None
 
     def _check_saved_compensation(
         self, saved: Mapping[str, Any], params: list[torch.Tensor]
@@ -342,6 +394,15 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         finally:
             for p, original in zip(params, originals, strict=True):
                 p.data = original
+
+
+def _saved_step_count(saved: Mapping[str, Any]) -> int:
+    steps = saved.get("step", 0)  # absent from state dicts saved before it was kept
+    if isinstance(steps, torch.Tensor) and steps.numel() == 1:
+        steps = steps.item()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"state_dict['compensated']['step'] must be an int >= 0, got {steps!r}")
+    return steps
 
 
 def _check_param_dtypes(param_groups: list[dict[str, Any]]) -> None:

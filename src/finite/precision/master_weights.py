@@ -18,8 +18,8 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from finite._checks import require_choice, require_float_tensor
+from finite.formats.rounding import stochastic_round
 from finite.precision._grouping import LOW_PRECISION, group_by_device_and_dtype
-from finite.precision._stochastic_rounding import stochastic_round
 
 __all__ = ["MasterWeights"]
 
