@@ -251,9 +251,38 @@ def test_softcap_gradient_keeps_its_digits_where_torch_gives_zero():
     x = torch.tensor([300.0, 500.0, -700.0])
     exact = [mp_softcap_slope(v, 30.0) for v in x.tolist()]
     ours = ulp_errors(grad_of(lambda t: softcap(t, 30.0), x), exact, torch.float32)
-    # The rounding of x / cap grows the error like |x| / cap; still tens of ulps, not 1e6.
-    assert ours.max() <= 50.0
+    assert ours.max() <= 1.0
     assert grad_of(lambda t: 30.0 * torch.tanh(t / 30.0), x).eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cap", [30.0, 0.7])
+def test_softcap_gradient_is_within_4_ulp_of_mpmath_far_beyond_the_cap(dtype, cap):
+    # The slope decays like exp(-2 |x| / cap): the rounding of x / cap alone would cost
+    # about |x| / cap ulp (hundreds at 300 caps).
+    x = points(dtype, -300 * cap, 300 * cap, seed=12)
+    exact = [mp_softcap_slope(v, cap) for v in x.double().tolist()]
+    assert ulp_errors(grad_of(lambda t: softcap(t, cap), x), exact, dtype).max() <= 4.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cap", [30.0, 0.7])
+def test_softcap_is_within_2_ulp_of_mpmath_for_any_cap(dtype, cap):
+    x = points(dtype, -6 * cap, 6 * cap, seed=13)
+    exact = [mp_softcap(v, cap) for v in x.double().tolist()]
+    assert ulp_errors(softcap(x, cap), exact, dtype).max() <= 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softcap_of_tiny_and_subnormal_input_is_within_half_an_ulp(dtype):
+    # x / cap rounds a subnormal x to the subnormal spacing; softcap(x) = x (1 - u**2 / 3)
+    # is x itself to within far less than an ulp.
+    tiny = torch.finfo(dtype).tiny
+    magnitudes = torch.tensor([1, 3, 7, 12345, 2**20 + 1], dtype=torch.float64)
+    x = torch.cat([magnitudes * tiny * 2.0**-30, magnitudes * tiny, magnitudes * 1e-12])
+    x = torch.cat([x, -x]).to(dtype)
+    exact = [mp_softcap(v, 30.0) for v in x.double().tolist()]
+    assert ulp_errors(softcap(x, 30.0), exact, dtype).max() <= 0.5
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -319,6 +348,21 @@ def test_gradcheck_float64(name):
 def test_non_float_input_raises_type_error_naming_x(name, bad):
     with pytest.raises(TypeError, match="x must be"):
         ACTIVATIONS[name](bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_compiled_graph_matches_eager(name):
+    # aot_eager traces forward and backward like inductor, without compiling kernels.
+    fn = ACTIVATIONS[name]
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    x = points(torch.float32, -100, 100, seed=14)
+    eager_leaf, compiled_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, result = fn(eager_leaf), compiled(compiled_leaf)
+    eager.sum().backward()
+    result.sum().backward()
+    torch.testing.assert_close(result, eager)
+    torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

@@ -66,12 +66,20 @@ def sum2_bound(values: torch.Tensor, exact: Fraction) -> float:
 
 
 @pytest.mark.parametrize(
-    ("big", "dtype"), [(1e8, torch.float32), (1e16, torch.float64), (1e30, torch.float32)]
+    ("big", "dtype"), [(1e8, torch.float32), (1e16, torch.float64), (1e300, torch.float64)]
 )
 def test_compensated_sum_recovers_a_term_swamped_by_cancelling_ones(big, dtype):
     x = torch.tensor([big, 1.0, -big], dtype=dtype)
     assert compensated_sum(x).item() == float(exact_sum(x)) == 1.0
     assert x.sum().item() != 1.0  # the case is hard for plain summation
+
+
+def test_compensated_sum_of_float32_terms_stays_within_the_float64_bound():
+    # float32 terms are summed in float64: a term 1e30 times smaller than cancelling
+    # ones is below float64's reach, but the error stays within (n-1) 2**-53 sum|x|.
+    x = torch.tensor([1e30, 1.0, -1e30])
+    error = abs(Fraction(compensated_sum(x).item()) - exact_sum(x))
+    assert error <= Fraction(2 * 2.0**-53) * sum(Fraction(abs(v)) for v in x.tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -120,9 +128,12 @@ def test_compensated_sum_of_low_precision_input_is_one_of_the_exact_sums_neighbo
         assert result.item() in neighbours(exact_sum(x), dtype)
 
 
-def test_compensated_sum_partial_sums_do_not_overflow_when_the_sum_is_finite():
-    x = torch.tensor([3e38, 3e38, -3e38, -3e38, 1.0])
-    assert compensated_sum(x).item() == 1.0
+@pytest.mark.parametrize(
+    ("big", "small", "dtype"), [(3e38, 1e31, torch.float32), (1.5e308, 1.0, torch.float64)]
+)
+def test_compensated_sum_partial_sums_do_not_overflow_when_the_sum_is_finite(big, small, dtype):
+    x = torch.tensor([big, big, -big, -big, small], dtype=dtype)
+    assert compensated_sum(x).item() == x[-1].item()
 
 
 def test_compensated_sum_of_subnormals_is_exact():
@@ -159,13 +170,25 @@ def test_compensated_sum_of_a_scalar_is_the_scalar():
     assert compensated_sum(torch.tensor(2.5)).item() == 2.5
 
 
-def test_compensated_sum_does_not_depend_on_the_cpu_tiling(monkeypatch):
-    x = ill_conditioned(3000, torch.float32, 0).reshape(-1, 500)
-    wide = ill_conditioned(5000, torch.float32, 1)[None]
+def test_compensated_sum_of_float64_does_not_depend_on_the_cpu_tiling(monkeypatch):
+    x = ill_conditioned(3000, torch.float64, 0).reshape(-1, 500)
+    wide = ill_conditioned(5000, torch.float64, 1)[None]
     expected = compensated_sum(x, 1), compensated_sum(wide, 1)
     monkeypatch.setattr(reductions, "_CPU_TILE_ELEMENTS", 64)  # tiles of rows and of chunks
     assert torch.equal(compensated_sum(x, 1), expected[0])
     assert torch.equal(compensated_sum(wide, 1), expected[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_compensated_sum_of_narrow_terms_is_exact_sum_neighbour_with_any_tiling(monkeypatch, dtype):
+    # Tiles of several rows, and tiles of part of one row (the row's partial sums are
+    # then added in float64).
+    x = ill_conditioned(3000, dtype, 2, spread=6).reshape(-1, 500)
+    wide = ill_conditioned(5000, dtype, 3, spread=6)[None]
+    monkeypatch.setattr(reductions, "_CPU_WIDEN_ELEMENTS", 1000)
+    for data in (x, wide):
+        for got, row in zip(compensated_sum(data, 1).tolist(), data, strict=True):
+            assert got in neighbours(exact_sum(row), dtype)
 
 
 @settings(max_examples=60)
@@ -398,6 +421,59 @@ def test_mean_var_of_non_finite_entries_has_nan_variance(values):
 def test_mean_var_passes_gradcheck(dim, correction):
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: mean_var(t, dim, correction=correction), (x,))
+
+
+def exact_variance_gradient(row: list[float], correction: float) -> list[Fraction]:
+    """d var / d x_i = 2 (x_i - mean) / (n - correction), in rational arithmetic."""
+    values = [Fraction(v) for v in row]
+    mean = sum(values, Fraction(0)) / len(values)
+    return [2 * (v - mean) / (len(values) - Fraction(correction)) for v in values]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "units"), [(torch.float32, 4), (torch.float64, 4), *[(d, 1) for d in LOW]]
+)
+@pytest.mark.parametrize(("correction", "length"), [(0, 2), (0, 5), (1, 5), (0, 32), (1, 32)])
+def test_mean_var_variance_gradient_keeps_its_digits_near_the_mean(
+    dtype, units, correction, length
+):
+    # A large offset plus small noise: x - round(mean) would be mostly the rounding
+    # error of the mean (hundreds of ulps in float32 and float64).
+    gen = torch.Generator().manual_seed(5)
+    signs = torch.randint(0, 2, (16, 1), generator=gen).double() * 2 - 1
+    base = signs * 10 ** (2 + 2 * torch.rand(16, 1, generator=gen, dtype=torch.float64))
+    noise = 1e-3 * torch.randn(16, length, generator=gen, dtype=torch.float64)
+    x = (base * (1 + noise)).to(dtype)
+    leaf = x.clone().requires_grad_()
+    _, var = mean_var(leaf, 1, correction=correction)
+    var.sum().backward()
+    for got, row in zip(leaf.grad.double(), x.double().tolist(), strict=True):
+        exact_row = exact_variance_gradient(row, correction)
+        for value, exact in zip(got.tolist(), exact_row, strict=True):
+            assert abs(Fraction(value) - exact) <= units * Fraction(ulp(float(exact), dtype))
+
+
+def test_mean_var_gradient_of_the_mean_is_one_over_n():
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    mean, _ = mean_var(x, 1)
+    mean.sum().backward()
+    assert torch.equal(x.grad, torch.full((5, 6), 1 / 6, dtype=torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_var_compiles(dtype):
+    # aot_eager traces forward and backward like inductor, without compiling kernels.
+    compiled = torch.compile(
+        lambda t: mean_var(t, 1, correction=1), fullgraph=True, backend="aot_eager"
+    )
+    x = (torch.randn(3, 40, generator=torch.Generator().manual_seed(9)) + 50).to(dtype)
+    eager_leaf, compiled_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, result = mean_var(eager_leaf, 1, correction=1), compiled(compiled_leaf)
+    torch.testing.assert_close(result, eager)
+    sum(eager).sum().backward()
+    sum(result).sum().backward()
+    torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
 
 
 def test_mean_var_gradient_of_a_constant_slice_is_that_of_the_mean():

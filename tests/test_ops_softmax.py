@@ -19,6 +19,7 @@ mpmath.mp.dps = 50
 INF = math.inf
 NAN = math.nan
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+FLOATS = (torch.float64, torch.float32, *LOW_PRECISION)
 OPS = (softmax, log_softmax)
 
 
@@ -270,6 +271,78 @@ def test_gradcheck_in_float64(op):
     assert torch.autograd.gradcheck(lambda t: op(t, -1, mask=mask).masked_fill(~mask, 0), (x,))
 
 
+def one_hot_upstream(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A one-hot cotangent per row at a random class of probability at most 1/2 (so
+    the gradient is a well-conditioned column of the Jacobian, as in the audit)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(x.double(), dim=-1)
+    weights = torch.where(probs <= 0.5, 1.0, 0.0).double()
+    classes = torch.multinomial(weights, 1, generator=g).squeeze(-1)
+    return torch.nn.functional.one_hot(classes, x.shape[-1]).to(x.dtype)
+
+
+def mp_gradient(op, x: torch.Tensor, upstream: torch.Tensor) -> list:
+    """Exact gradient of ``sum(upstream * op(x, -1))`` for 2-d ``x``, flattened."""
+    exact = []
+    for row, g_row in zip(x.double().tolist(), upstream.double().tolist(), strict=True):
+        p = [mpmath.exp(v) for v in mp_log_softmax_row(row)]
+        g = [mpmath.mpf(v) for v in g_row]
+        if op is softmax:
+            dot = mpmath.fsum(gi * pi for gi, pi in zip(g, p, strict=True))
+            exact += [pi * (gi - dot) for gi, pi in zip(g, p, strict=True)]
+        else:
+            total = mpmath.fsum(g)
+            exact += [gi - pi * total for gi, pi in zip(g, p, strict=True)]
+    return exact
+
+
+def gradient_of(op, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    leaf = x.clone().requires_grad_()
+    op(leaf, -1).backward(upstream)
+    return leaf.grad
+
+
+@pytest.mark.parametrize(
+    ("dtype", "units"),
+    [(torch.float64, 4.0), (torch.float32, 4.0), *[(d, 1.0) for d in LOW_PRECISION]],
+    ids=str,
+)
+@pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
+def test_gradient_is_within_the_ulp_target_of_mpmath(op, dtype, units):
+    # Rows whose small probabilities come from large |x - max|: the gradient of a
+    # log-probability of -80 must not be exp of that log-probability rounded to dtype.
+    x = hard_rows(dtype, seed=6)
+    upstream = one_hot_upstream(x, seed=7)
+    grad = gradient_of(op, x, upstream)
+    assert grad.dtype == dtype
+    assert ulp_errors(grad, mp_gradient(op, x, upstream), dtype).max() <= units
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
+def test_gradient_of_a_row_with_plus_inf_entries_is_that_of_their_shared_limit(op, dtype):
+    # k +inf entries take probability 1/k each: the gradient is the softmax Jacobian at
+    # p = (1/2, 0, 1/2, 0), from plain float64 arithmetic.
+    x = torch.tensor([[INF, 1.0, INF, 0.0], [0.5, -1.0, 2.0, 0.25]], dtype=dtype)
+    upstream = torch.tensor([[1.0, 2.0, -0.5, 0.25], [1.0, 0.0, 0.0, 0.0]], dtype=dtype)
+    grad = gradient_of(op, x, upstream)
+    p = torch.tensor([0.5, 0.0, 0.5, 0.0], dtype=torch.float64)
+    g = upstream[0].double()
+    expected = p * (g - (g * p).sum()) if op is softmax else g - p * g.sum()
+    assert torch.equal(grad[0].double(), expected)
+    assert grad[1].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_log_softmax_gradient_beats_torch_where_its_output_is_very_negative(dtype):
+    x = torch.tensor([[0.0, -20.0, -45.5, -80.25, -3.0]], dtype=dtype)
+    upstream = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]], dtype=dtype)
+    exact = mp_gradient(log_softmax, x, upstream)
+    ours = ulp_errors(gradient_of(log_softmax, x, upstream), exact, dtype).max()
+    theirs = ulp_errors(gradient_of(torch.log_softmax, x, upstream), exact, dtype).max()
+    assert ours <= (4.0 if dtype == torch.float32 else 1.0) < theirs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 @pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
 def test_gradient_matches_float64_autograd(op, dtype):
@@ -392,6 +465,26 @@ def test_mask_that_does_not_broadcast_raises_value_error(op):
 # --------------------------------------------------------------------------------------
 # Autocast and devices
 # --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
+def test_compiled_graph_matches_eager(op, dtype):
+    # aot_eager traces forward and backward like inductor, without compiling kernels.
+    x = (torch.randn(4, 7, generator=torch.Generator().manual_seed(8)) * 3).to(dtype)
+    mask = torch.arange(7) < 5
+
+    def fn(t):
+        return op(t, -1, mask=mask).masked_fill(~mask, 0)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    eager_leaf, compiled_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, result = fn(eager_leaf), compiled(compiled_leaf)
+    eager.sum().backward()
+    result.sum().backward()
+    torch.testing.assert_close(result, eager)
+    torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)

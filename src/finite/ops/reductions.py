@@ -3,8 +3,9 @@
 ``compensated_sum`` is accurate as if the sum were carried in twice the working
 precision and rounded once; ``mean_var`` is a two-pass variance that is never negative;
 ``l2_norm`` scales by a power of two before squaring, so it neither overflows nor
-underflows. float16/bfloat16 inputs are computed in float32 (``l2_norm``: float64) and
-rounded once to the input dtype; float64 stays float64.
+underflows. float32, float16 and bfloat16 terms are exact in float64 and are summed
+there (on CPU in cache-sized tiles, so no full-size float64 copy is made), then rounded
+once to the input dtype; float64 input is summed by error-free splitting.
 
 References
 ----------
@@ -28,13 +29,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from finite._checks import compute_dtype, normalize_dims, require_float_tensor
+from finite._checks import normalize_dims, require_float_tensor
+from finite.ops._rows import as_rows, from_rows, kept_shape, row_blocks
 
 __all__ = ["compensated_sum", "l2_norm", "mean_var"]
 
-# On CPU the split runs over tiles of about 2**19 elements (2 MiB in float32): its seven
+# On CPU the split runs over tiles of about 2**19 elements (4 MiB in float64): its seven
 # passes over a tile then mostly hit the cache, and only the first reads main memory.
 _CPU_TILE_ELEMENTS = 1 << 19
+# On CPU narrower terms are widened to float64 in tiles of this many elements (8 MiB): a
+# float64 reduction over a float32 tensor would first convert all of it. Larger tiles
+# fall out of the cache (and, past 32 MiB, are mapped afresh by every call); smaller ones
+# multiply the parallel regions, which stall when the machine's cores are busy.
+_CPU_WIDEN_ELEMENTS = 1 << 20
 # Chunks of at most this many elements share one splitting unit (see _split_tile).
 _MAX_CHUNK = 256
 
@@ -55,20 +62,6 @@ def _check_reduction_args(
     if isinstance(dim, (tuple, list)) and len(dim) == 0:
         raise ValueError("dim=() is ambiguous; pass dim=None to reduce over every dimension")
     return x, normalize_dims(dim, x.ndim)
-
-
-def _as_rows(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """``t`` as (kept elements, reduced elements), the reduced dims moved last."""
-    kept = tuple(d for d in range(t.ndim) if d not in dims)
-    rows = math.prod([t.shape[d] for d in kept])
-    cols = math.prod([t.shape[d] for d in dims])
-    return t.permute(kept + dims).reshape(rows, cols)
-
-
-def _kept_shape(shape: torch.Size, dims: tuple[int, ...], keepdim: bool) -> tuple[int, ...]:
-    if keepdim:
-        return tuple(1 if d in dims else n for d, n in enumerate(shape))
-    return tuple(n for d, n in enumerate(shape) if d not in dims)
 
 
 def _times_pow2(t: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -175,9 +168,6 @@ def _chunk_sums(
     tile_shape = (min(row_step, rows), min(chunk_step, count), length)
     scaled = torch.empty(tile_shape, dtype=dtype, device=x2.device)
     rounded = torch.empty_like(scaled)
-    # Low-precision input is converted per tile; amax/amin over short float32 chunks are
-    # much faster than over bfloat16 ones on CPU.
-    converted = None if x2.dtype == dtype else torch.empty_like(scaled)
     high = torch.empty(rows, count, dtype=dtype, device=x2.device)
     low = torch.empty_like(high)
     exponent = torch.empty(rows, count, dtype=torch.int32, device=x2.device)
@@ -186,8 +176,6 @@ def _chunk_sums(
         for c in range(0, count, chunk_step):
             tile = chunks[r : r + row_step, c : c + chunk_step]
             n_rows, n_chunks = tile.shape[:2]
-            if converted is not None:
-                tile = converted[:n_rows, :n_chunks].copy_(tile)
             outputs = [t[r : r + n_rows, c : c + n_chunks] for t in (high, low, exponent)]
             _split_tile(
                 tile, scaled[:n_rows, :n_chunks], rounded[:n_rows, :n_chunks], bits, outputs
@@ -195,12 +183,17 @@ def _chunk_sums(
     return high, low, _scale_exponent(exponent, bits, dtype), exponent
 
 
-def _sum_rows(x2: torch.Tensor) -> torch.Tensor:
-    """The compensated sum of each row of the 2-d ``x2``, in the compute dtype."""
-    dtype = compute_dtype(x2.dtype)
+def _split_sum_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compensated sum of each row of the 2-d float64 ``x2``, as ``hi + lo``.
+
+    ``hi`` is the sum rounded once; ``lo`` the rounded remainder (0 where ``hi`` is not
+    finite), so that ``hi + lo`` carries the sum to about twice the precision.
+    """
+    dtype = x2.dtype
     rows, cols = x2.shape
     if cols == 0:
-        return torch.zeros(rows, dtype=dtype, device=x2.device)
+        zeros = torch.zeros(rows, dtype=dtype, device=x2.device)
+        return zeros, zeros
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     # Chunks of about sqrt(n) elements balance the two second-order error terms
@@ -218,15 +211,54 @@ def _sum_rows(x2: torch.Tensor) -> torch.Tensor:
     to_row_scale = (-k - shift[:, None]).to(torch.int32)
     total, errors = _two_sum_tree(_times_pow2(high, to_row_scale))
     errors = errors + _times_pow2(low, to_row_scale).sum(dim=1)
-    # An inf or NaN entry makes the float total inf or NaN, as in torch.sum; its error
-    # terms are then NaN (inf - inf) and must not leak in.
-    result = torch.where(total.isfinite(), total + errors, total)
-    return _times_pow2(result, shift)
+    # TwoSum of the total and its correction. An inf or NaN entry makes the float total
+    # inf or NaN, as in torch.sum; its error terms are then NaN (inf - inf) and must not
+    # leak in.
+    finite = total.isfinite()
+    hi = torch.where(finite, total + errors, total)
+    b_virtual = hi - total
+    lo = torch.where(finite, (total - (hi - b_virtual)) + (errors - b_virtual), 0)
+    return _times_pow2(hi, shift), _times_pow2(lo, shift)
+
+
+def _widened_sum_rows(x2: torch.Tensor) -> torch.Tensor:
+    """The sum of each row of a float32/float16/bfloat16 matrix, accumulated in float64.
+
+    Every term is exact in float64 and no sum of them can overflow there, so the error
+    is that of a float64 sum, at most about ``(n - 1) * 2**-53 * sum|x|``. On CPU the
+    terms are widened tile by tile into one reused buffer; elsewhere (and under
+    compilation) the reduction converts as it reads.
+    """
+    rows, cols = x2.shape
+    if x2.device.type != "cpu" or torch.compiler.is_compiling():
+        return x2.sum(dim=-1, dtype=torch.float64)
+    col_step = max(1, min(cols, _CPU_WIDEN_ELEMENTS))
+    blocks = row_blocks(rows, col_step, x2.device, cpu_elements=_CPU_WIDEN_ELEMENTS)
+    step = blocks[0].stop - blocks[0].start if blocks else 0
+    wide = torch.empty(step, col_step, dtype=torch.float64)
+    # float16 converts to float64 on a slow path on CPU; through float32 it does not.
+    staging = torch.empty(step, col_step) if x2.dtype == torch.float16 else None
+    total = torch.zeros(rows, dtype=torch.float64)
+    for block in blocks:
+        for c in range(0, cols, col_step):
+            tile = x2[block, c : c + col_step]
+            shape = tile.shape
+            if staging is not None:
+                tile = staging[: shape[0], : shape[1]].copy_(tile)
+            total[block] += wide[: shape[0], : shape[1]].copy_(tile).sum(dim=-1)
+    return total
+
+
+def _sum_rows(x2: torch.Tensor) -> torch.Tensor:
+    """The compensated sum of each row of the 2-d ``x2``, in float64."""
+    if x2.dtype == torch.float64:
+        return _split_sum_rows(x2)[0]
+    return _widened_sum_rows(x2)
 
 
 def _sum(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool) -> torch.Tensor:
-    """Compensated sum over ``dims``, in the compute dtype, without autograd."""
-    return _sum_rows(_as_rows(x, dims)).reshape(_kept_shape(x.shape, dims, keepdim))
+    """Compensated sum over ``dims``, in float64, without autograd."""
+    return _sum_rows(as_rows(x, dims)).reshape(kept_shape(x.shape, dims, keepdim))
 
 
 class _CompensatedSum(torch.autograd.Function):
@@ -238,7 +270,7 @@ class _CompensatedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.keepdim:
-            grad = grad.reshape(_kept_shape(ctx.shape, ctx.dims, True))
+            grad = grad.reshape(kept_shape(ctx.shape, ctx.dims, True))
         return grad.expand(ctx.shape), None, None
 
 
@@ -251,12 +283,14 @@ def compensated_sum(
     magnitude: ``compensated_sum(torch.tensor([1e8, 1.0, -1e8]))`` is 1, ``torch.sum``
     gives 0.
 
-    Each run of about ``sqrt(n)`` (at most 256) elements is split without error into
-    integers times a power of two, whose sum is exact, and small remainders (Rump, Ogita
-    & Oishi's error-free vector transformation); the exact chunk sums are added with
-    TwoSum, which recovers every rounding error (Neumaier's correction, branch-free), and
-    the errors and remainders are added to the result, rounded once. It is vectorised:
-    a handful of fused passes over the data, no loop over elements.
+    float32, float16 and bfloat16 terms are exact in float64 and are summed there, then
+    rounded once to the input dtype. float64 terms have no wider type: each run of about
+    ``sqrt(n)`` (at most 256) elements is split without error into integers times a
+    power of two, whose sum is exact, and small remainders (Rump, Ogita & Oishi's
+    error-free vector transformation); the exact chunk sums are added with TwoSum, which
+    recovers every rounding error (Neumaier's correction, branch-free), and the errors
+    and remainders are added to the result, rounded once. Both are vectorised: a few
+    fused passes over the data, no loop over elements.
 
     Parameters
     ----------
@@ -276,10 +310,15 @@ def compensated_sum(
         rounding to a low-precision dtype is within
         ``u*|s| + (c**3 + 2*n*c + log2(n)**2) * u**2 * sum|x|`` of ``s``, below the
         Sum2 bound ``u*|s| + ((n-1)*u)**2 * sum|x|`` of Ogita, Rump & Oishi for
-        ``n >= 16`` (barring underflow). Rows are scaled by a power of two when needed,
-        so partial sums never overflow where the exact sum is finite. An inf or NaN
-        entry gives what :func:`torch.sum` gives (``inf + -inf`` is NaN). An empty
-        reduction gives 0. The gradient is 1 for every entry, as for :func:`torch.sum`.
+        ``n >= 16`` (barring underflow). For float32, float16 and bfloat16 input the
+        float64 sum errs by at most ``(n-1) * 2**-53 * sum|x|`` before that rounding, 32
+        times inside the second term: in practice the result is correctly rounded, but
+        a term more than about 2**29 times smaller than terms that cancel can be lost
+        (``[1e30, 1, -1e30]`` gives 0, within the bound). Partial sums never overflow
+        where the exact sum is finite (float64 rows are scaled by a power of two when
+        needed). An inf or NaN entry gives what :func:`torch.sum` gives (``inf + -inf``
+        is NaN). An empty reduction gives 0. The gradient is 1 for every entry, as for
+        :func:`torch.sum`.
 
     Raises
     ------
@@ -301,10 +340,12 @@ def compensated_sum(
 
     Notes
     -----
-    The split costs seven elementwise or reduction passes over the data, so this is
-    several times slower than :func:`torch.sum` (on CPU the passes are tiled so that
-    mostly only the first reads main memory). A reduction over dimensions that are not
-    the trailing ones (or not contiguous) is run on a contiguous copy.
+    On CPU the float64 accumulation converts the terms tile by tile (a float64
+    :func:`torch.sum` of a float32 tensor would first convert all of it), a few times
+    the cost of :func:`torch.sum`; on CUDA the reduction converts as it reads. The
+    float64 split costs seven elementwise or reduction passes over the data, tiled on
+    CPU so that mostly only the first reads main memory. A reduction over dimensions
+    that are not the trailing ones (or not contiguous) is run on a contiguous copy.
 
     References
     ----------
@@ -317,6 +358,99 @@ def compensated_sum(
 # --------------------------------------------------------------------------------------
 # Mean and variance
 # --------------------------------------------------------------------------------------
+
+
+# Veltkamp's splitting constant for float64: 2**27 + 1.
+_SPLITTER = 134217729.0
+
+
+def _two_product(a: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dekker's exact product: ``a * b = p + e`` in float64, ``p`` the rounded product
+    (both factors split into halves of at most 26 bits, whose products are exact)."""
+    p = a * b
+    scaled = a * _SPLITTER
+    a_hi = scaled - (scaled - a)
+    a_lo = a - a_hi
+    b_scaled = b * _SPLITTER
+    b_hi = b_scaled - (b_scaled - b)
+    b_lo = b - b_hi
+    return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def _row_means(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of each row as ``hi + lo`` (float64); ``lo`` is 0 unless ``x2`` is float64.
+
+    float32, float16 and bfloat16 rows: their float64 sum divided by n, within about
+    2**-52 relative. float64 rows: the double-word compensated sum ``s_hi + s_lo`` and
+    ``hi = s_hi / n``, ``lo = (s_hi - hi * n + s_lo) / n`` with ``hi * n`` exact
+    (Dekker), so ``x - hi - lo`` keeps its digits where ``x`` is close to the mean. A
+    constant row gets its value exactly (``n * c / n`` need not round back to ``c``).
+    """
+    count = x2.shape[1]
+    if x2.dtype == torch.float64:
+        sum_hi, sum_lo = _split_sum_rows(x2)
+        hi = sum_hi / count
+        product, product_error = _two_product(hi, float(count))
+        # sum_hi - product is exact: the two are within an ulp of each other.
+        lo = (((sum_hi - product) - product_error) + sum_lo) / count
+        lo = torch.where(hi.isfinite(), lo, 0)
+    else:
+        hi = _widened_sum_rows(x2) / count
+        lo = torch.zeros_like(hi)
+    if count > 0:
+        low = x2.amin(dim=-1)
+        constant = low == x2.amax(dim=-1)
+        hi = torch.where(constant, low.to(hi.dtype), hi)
+        lo = torch.where(constant, 0, lo)
+    return hi, lo
+
+
+def _deviations(x2: torch.Tensor, mean_hi: torch.Tensor, mean_lo: torch.Tensor) -> torch.Tensor:
+    """``x - mean`` per row, float64: exact terms minus the float64 mean for narrower
+    input, ``(x - hi) - lo`` for float64 input."""
+    deviation = x2.to(torch.float64) - mean_hi[:, None]
+    if x2.dtype == torch.float64:
+        deviation.sub_(mean_lo[:, None])
+    return deviation
+
+
+class _MeanVar(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dims, keepdim, correction):
+        x2 = as_rows(x, dims)
+        count = x2.shape[1]
+        mean_hi, mean_lo = _row_means(x2)
+        deviation = _deviations(x2, mean_hi, mean_lo)
+        if x.dtype == torch.float64:
+            first = _split_sum_rows(deviation)[0]
+            second = _split_sum_rows(deviation.square_())[0]
+        else:
+            # Exact terms and float64 sums: errors far below an ulp of the input dtype.
+            first = deviation.sum(dim=-1)
+            second = deviation.square_().sum(dim=-1)
+        # Cauchy-Schwarz makes the difference >= 0; the clamp removes a last rounding
+        # below 0.
+        var = ((second - first * first / count) / max(count - correction, 0)).clamp(min=0)
+        ctx.dims, ctx.correction = dims, correction
+        ctx.save_for_backward(x, mean_hi, mean_lo)
+        shape = kept_shape(x.shape, dims, keepdim)
+        mean = (mean_hi + mean_lo).to(x.dtype).reshape(shape)
+        return mean, var.to(x.dtype).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        x, mean_hi, mean_lo = ctx.saved_tensors
+        x2 = as_rows(x, ctx.dims)
+        count = x2.shape[1]
+        # d mean / dx = 1 / n, d var / dx = 2 (x - mean) / (n - correction): the sum of
+        # the deviations is 0, so the mean's dependence on x drops out. The deviation
+        # is computed as accurately as the variance itself, and rounded once.
+        denominator = count - ctx.correction
+        factor = 2 / denominator if denominator > 0 else math.inf  # as the variance
+        scale = grad_var.reshape(-1, 1).to(torch.float64) * factor
+        offset = grad_mean.reshape(-1, 1).to(torch.float64) / count
+        grad2 = _deviations(x2, mean_hi, mean_lo).mul_(scale).add_(offset)
+        return from_rows(grad2, x.shape, ctx.dims).to(x.dtype), None, None, None
 
 
 def mean_var(
@@ -333,6 +467,9 @@ def mean_var(
     cancels the first-order effect of the rounding of ``m`` (Chan, Golub & LeVeque).
     Unlike ``E[x**2] - E[x]**2`` nothing large cancels, so values like ``1e4 + noise``
     in float32 keep their variance instead of returning 0 or a negative number.
+    float32, float16 and bfloat16 input is computed in float64 (``d`` is then accurate
+    to far below an ulp of the input dtype) and rounded once; float64 input carries
+    ``m`` as an unevaluated sum ``hi + lo`` and takes ``d = (x - hi) - lo``.
 
     Parameters
     ----------
@@ -353,8 +490,12 @@ def mean_var(
         returns ``(var, mean)``. ``var >= 0`` always, and a slice of equal finite
         values gives exactly that value and variance 0. As in PyTorch, ``n -
         correction <= 0`` gives ``inf`` (NaN for a zero sum of squares), an empty slice
-        gives NaN, and inf or NaN entries give NaN variance. Gradients come from autograd
-        through the two passes: ``2 (x - m) / (n - correction)`` for the variance.
+        gives NaN, and inf or NaN entries give NaN variance. The gradients are ``1 / n``
+        for the mean and ``2 (x - m) / (n - correction)`` for the variance, with
+        ``x - m`` formed as in the forward pass: where ``x`` is close to the mean, the
+        naive ``x - round(m)`` would be mostly the rounding error of ``m``. The input
+        is saved for the backward pass (as for ``torch.var_mean``), plus two float64
+        numbers per slice.
 
     Raises
     ------
@@ -382,21 +523,7 @@ def mean_var(
         raise TypeError(f"correction must be an int or float, got {type(correction).__name__}")
     if not (math.isfinite(correction) and correction >= 0):
         raise ValueError(f"correction must be finite and >= 0, got {correction!r}")
-    count = math.prod([x.shape[d] for d in dims])
-    xc = x.to(compute_dtype(x.dtype))
-    mean = _CompensatedSum.apply(xc, dims, True) / count
-    if count > 0:
-        # sum(c, ..., c) / n need not round back to c; a constant slice must give c.
-        low = xc.amin(dims, keepdim=True)
-        mean = torch.where(low == xc.amax(dims, keepdim=True), low, mean)
-    deviation = xc - mean
-    first = _CompensatedSum.apply(deviation, dims, keepdim)
-    second = _CompensatedSum.apply(deviation * deviation, dims, keepdim)
-    # Cauchy-Schwarz makes the difference >= 0; the clamp removes a last rounding below 0.
-    var = ((second - first * first / count) / max(count - correction, 0)).clamp(min=0)
-    if not keepdim:
-        mean = mean.reshape(_kept_shape(x.shape, dims, False))
-    return mean.to(x.dtype), var.to(x.dtype)
+    return _MeanVar.apply(x, dims, keepdim, float(correction))
 
 
 # --------------------------------------------------------------------------------------
@@ -423,7 +550,7 @@ class _L2Norm(torch.autograd.Function):
         ctx.dims, ctx.keepdim = dims, keepdim
         ctx.save_for_backward(x, scale_exponent, scaled_norm)
         norm = _times_pow2(scaled_norm, -scale_exponent).to(x.dtype)
-        return norm if keepdim else norm.reshape(_kept_shape(x.shape, dims, False))
+        return norm if keepdim else norm.reshape(kept_shape(x.shape, dims, False))
 
     @staticmethod
     def backward(ctx, grad):
@@ -507,5 +634,5 @@ def l2_norm(
     """
     x, dims = _check_reduction_args(x, dim, keepdim)
     if math.prod([x.shape[d] for d in dims]) == 0:
-        return torch.zeros(_kept_shape(x.shape, dims, keepdim), dtype=x.dtype, device=x.device)
+        return torch.zeros(kept_shape(x.shape, dims, keepdim), dtype=x.dtype, device=x.device)
     return _L2Norm.apply(x, dims, keepdim)

@@ -7,7 +7,9 @@ Where PyTorch loses digits
 rounding error ``exp`` turns into a relative error of 2**-19 (about 60 ulp) in the
 result. The float32 sum adds a few ulp more, and ``log`` of a sum ``1 + rest`` with a
 tiny ``rest`` returns 0 instead of ``rest``, so ``torch.log_softmax`` rounds the largest
-log-probability of a confident row to 0.
+log-probability of a confident row to 0. Backward, ``g - exp(out) * sum(g)`` takes
+``exp`` of a rounded log-probability: in float32 an ``out`` of -80 carries an absolute
+error of 2**-18, a relative error of the probability of ``80 * 2**-24``, some 40 ulp.
 
 What is done here
 -----------------
@@ -15,14 +17,21 @@ What is done here
   difference of two input values is exact there (it needs at most 24 + 29 or 8 + 16
   bits), every later step carries more digits than the output keeps, and the result is
   rounded once. float64 input has no wider type: Knuth's TwoSum recovers the rounding
-  error ``err`` of ``x - m`` and ``exp(x - m)`` is taken as ``exp(d) * (1 + err)``.
+  error ``err`` of ``x - m``, ``exp(x - m)`` is taken as ``exp(d) * (1 + err)`` and
+  the sum of the terms is carried as an unevaluated pair ``hi + lo`` whose ``hi`` is
+  exact (the terms are split on a fixed grid, Rump, Ogita & Oishi), so the quotient is
+  rounded about twice instead of once per step.
 * The log-normaliser is ``log(top) + log1p(rest / top)``: ``top`` counts the entries
   equal to the maximum (their term is exactly ``exp(0) = 1``) and ``rest`` sums the
   others, so ``log_softmax([0, -30])`` is ``[-9.36e-14, -30]``, not ``[0, -30]``.
-* float16/bfloat16 softmax runs PyTorch's fused kernel on a float32 copy (its float32
-  errors are far below a half-precision ulp); everything else is composed of
-  elementwise ops and row sums in the wide dtype.
-* Backward uses PyTorch's fused kernels on the saved output.
+* float32/float16/bfloat16 softmax runs PyTorch's fused kernel on a copy in the wide
+  dtype (its errors there are far below an ulp of the output).
+* Gradients: float32 and float64 softmax use PyTorch's fused kernel on the saved
+  output (within 2 and 4 ulp). Every other case recomputes the probabilities from the
+  saved input and per-row statistics in the wide dtype (float64 input: with the
+  compensation above), so the gradient is rounded once from wide values rather than
+  computed from an output already rounded to the input dtype. The saved tensor is the
+  input instead of the output: the same number of bytes.
 
 On CPU the rows are processed in blocks whose wide scratch buffers stay in cache and are
 reused, so no full-size temporary is allocated (a fresh 512 MiB buffer costs more in page
@@ -34,6 +43,8 @@ References
    and softmax functions", IMA Journal of Numerical Analysis 41(4), 2021.
 .. [2] D. E. Knuth, The Art of Computer Programming, vol. 2, 3rd ed., section 4.2.2
    (TwoSum).
+.. [3] S. M. Rump, T. Ogita, S. Oishi, "Accurate floating-point summation part I:
+   faithful rounding", SIAM J. Sci. Comput. 31(1), 2008 (error-free vector splitting).
 """
 
 from __future__ import annotations
@@ -43,20 +54,23 @@ import math
 import torch
 
 from finite._checks import normalize_dim, require_float_tensor
+from finite.ops._rows import Scratch, as_rows, from_rows, row_blocks
 
 __all__ = ["log_softmax", "softmax"]
 
-# Elements per block of rows on CPU: two float64 scratch buffers of this size (16 MiB in
-# all) stay in the shared cache. On CUDA the blocks only bound the scratch memory.
+# Elements per block of rows on CPU: the float64 scratch buffers of this size (8 MiB
+# each) stay in the shared cache. On CUDA the blocks only bound the scratch memory
+# (128 MiB per float64 buffer).
 _CPU_BLOCK_ELEMENTS = 1 << 20
-_CUDA_BLOCK_ELEMENTS = 1 << 26
+_CUDA_BLOCK_ELEMENTS = 1 << 24
 _LOG2_E = math.log2(math.e)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype in which ``x - max`` is exact: float64 for float32, float32 for
     float16/bfloat16; float64 stays float64 (and is compensated instead)."""
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in _LOW_PRECISION:
         return torch.float32
     return torch.float64
 
@@ -68,47 +82,50 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _to_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` as (rows, size along ``dim``), ``dim`` moved last; a view when possible."""
-    if t.ndim == 0:
-        return t.reshape(1, 1)
-    return t.movedim(dim, -1).reshape(-1, t.shape[dim])
+    return as_rows(t, (dim,))
 
 
 def _from_rows(t2: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
     """Undo :func:`_to_rows`; the result is contiguous, like PyTorch's."""
-    if len(shape) == 0 or dim == len(shape) - 1:
-        return t2.reshape(shape)
-    moved = [n for d, n in enumerate(shape) if d != dim] + [shape[dim]]
-    return t2.reshape(moved).movedim(-1, dim).contiguous()
+    return from_rows(t2, shape, (dim,)).contiguous()
 
 
 def _row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
-    if torch.compiler.is_compiling():
-        step = max(rows, 1)
-    else:
-        budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _CUDA_BLOCK_ELEMENTS
-        step = max(1, budget // max(cols, 1))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+    return row_blocks(
+        rows,
+        cols,
+        device,
+        cpu_elements=_CPU_BLOCK_ELEMENTS,
+        cuda_elements=_CUDA_BLOCK_ELEMENTS,
+    )
 
 
-class _Scratch:
-    """Reusable (block rows, cols) buffers in the wide dtype, allocated on first use."""
+class _Scratch(Scratch):
+    """Reusable (block rows, cols) buffers in the wide dtype of ``like``."""
 
     def __init__(self, like: torch.Tensor, blocks: list[slice]):
-        rows = blocks[0].stop - blocks[0].start if blocks else 0
-        self.dtype = _wide_dtype(like.dtype)
-        self._shape = (rows, like.shape[1])
-        self._device = like.device
-        self._buffers: dict[str, torch.Tensor] = {}
+        super().__init__(blocks, like.shape[1], _wide_dtype(like.dtype), like.device)
 
-    def get(self, name: str, rows: int) -> torch.Tensor:
-        if name not in self._buffers:
-            self._buffers[name] = torch.empty(self._shape, dtype=self.dtype, device=self._device)
-        return self._buffers[name][:rows]
+
+def _load(xb: torch.Tensor, mask_b: torch.Tensor | None, scratch: _Scratch) -> torch.Tensor:
+    """The block in the wide dtype with the entries outside the mask set to -inf (NaN
+    ones included): ``xb`` itself when it is wide and unmasked, else a scratch copy."""
+    if xb.dtype == scratch.dtype and mask_b is None:
+        return xb
+    wide = scratch.get("wide", xb.shape[0]).copy_(xb)
+    if mask_b is not None:
+        wide.masked_fill_(~mask_b, -math.inf)
+    return wide
 
 
 # --------------------------------------------------------------------------------------
 # The shifted exponentials
 # --------------------------------------------------------------------------------------
+
+
+def _shift(m: torch.Tensor) -> torch.Tensor:
+    """The row maximum to subtract: 0 for an all -inf row (every ``x - m`` is -inf)."""
+    return torch.where(m == -math.inf, 0, m)
 
 
 def _shifted(
@@ -122,7 +139,7 @@ def _shifted(
     skips that pass where such rows may give NaN.
     """
     n = xb.shape[0]
-    m_safe = torch.where(m == -math.inf, 0, m).to(scratch.dtype)
+    m_safe = _shift(m).to(scratch.dtype)
     d = scratch.get("shifted", n)
     error = None
     if xb.dtype == scratch.dtype:
@@ -178,7 +195,11 @@ def _log_normaliser(terms: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     total = terms.sum(dim=-1, keepdim=True).double()
     rest = terms.frac_().sum(dim=-1, keepdim=True).double()
     top = torch.round(total - rest)
-    log_norm = torch.log(top) + torch.log1p(rest / top)
+    return _settle_rows(torch.log(top) + torch.log1p(rest / top), m)
+
+
+def _settle_rows(log_norm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """+inf for an all -inf row (every probability 0), NaN for a NaN row."""
     log_norm = torch.where(m == -math.inf, math.inf, log_norm)
     return torch.where(m.isnan(), math.nan, log_norm)
 
@@ -186,8 +207,147 @@ def _log_normaliser(terms: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def _store(wide: torch.Tensor, out: torch.Tensor) -> None:
     """Round ``wide`` into ``out`` once (a mixed-dtype arithmetic op writing ``out``
     directly is a slow path on CPU; a plain copy is not)."""
-    if wide.data_ptr() != out.data_ptr():
-        out.copy_(wide)
+    out.copy_(wide)
+
+
+# --------------------------------------------------------------------------------------
+# Wide dtype (float32, float16, bfloat16 input)
+# --------------------------------------------------------------------------------------
+
+
+def _may_reach(values: torch.Tensor, bound: float) -> bool:
+    """Whether some of ``values`` may be ``>= bound``: checked on CPU, where reading a
+    tensor costs no synchronisation; assumed elsewhere and under compilation."""
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return bool((values >= bound).any())
+
+
+def _clamped_max(wide: torch.Tensor) -> torch.Tensor:
+    """Row maxima of a wide copy whose +inf entries are first lowered to the largest
+    finite wide value: still above every finite input value, so the +inf entries of a
+    row share it (``x - m = 0`` there) and ``inf - inf`` never arises."""
+    m = wide.amax(dim=-1, keepdim=True)
+    return _clamp_infinities(wide, m)
+
+
+def _clamp_infinities(wide: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Lower +inf entries of ``wide`` to the largest finite value, in place, where a row
+    maximum (or the saved shift of such a row) ``m`` reaches it; returns ``m`` lowered
+    alike. Input values never reach it: float32 and float16/bfloat16 ones are far below
+    the largest float64 and float32."""
+    big = torch.finfo(wide.dtype).max
+    if _may_reach(m, big):
+        wide.clamp_(max=big)
+        m = m.clamp(max=big)
+    return m
+
+
+def _reciprocal_total(total: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``1 / total`` per row: 0 for an all -inf row (its probabilities are 0 rather
+    than 0/0), NaN for a NaN row (whose total is NaN)."""
+    return torch.where(m == -math.inf, 0, 1 / total)
+
+
+def _wide_probabilities(
+    wide: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``exp(x - shift) * scale`` in place of a clamped wide copy: ``x - shift`` is
+    exact, and the rest errs by a few ulp of the wide dtype (see :func:`_exp`)."""
+    return _exp(wide.sub_(shift), None, out=wide).mul_(scale)
+
+
+def _wide_log_probabilities(
+    wide: torch.Tensor, shift: torch.Tensor, log_norm: torch.Tensor
+) -> torch.Tensor:
+    """``exp(x - shift - log_norm)`` in place of a clamped wide copy.
+
+    ``x - shift`` is exact; rounding ``(x - shift) * log2(e) - log_norm * log2(e)`` costs
+    a relative error of about ``|x - shift - log_norm| * 2**-53`` (float64) or
+    ``2**-24`` (float32), far below an ulp of the input dtype.
+    """
+    wide.sub_(shift)
+    return torch.add(-log_norm * _LOG2_E, wide, alpha=_LOG2_E, out=wide).exp2_()
+
+
+# --------------------------------------------------------------------------------------
+# float64: compensated terms and a double-word sum
+# --------------------------------------------------------------------------------------
+
+
+def _double_word_sums(
+    terms: torch.Tensor, error: torch.Tensor, scratch: _Scratch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of float64 terms ``t = exp(d)`` in [0, 1] (``d + error = x - m``):
+    ``top``, the number of terms equal to 1, and ``rest = rest_hi + rest_lo``, the sum of
+    the others plus ``sum(t * error)``, with ``rest_hi`` exact.
+
+    The fractional parts are scaled by ``2**(52 - b)``, ``2**b`` above the row length,
+    and split into integers and remainders (exact): the integers add up to less than
+    ``2**52``, so their sum is exact in any order, and only the small remainders and
+    corrections are rounded (Rump, Ogita & Oishi's error-free vector transformation).
+    """
+    rows, cols = terms.shape
+    scale = 2.0 ** (52 - cols.bit_length())
+    total = terms.sum(dim=-1, keepdim=True)
+    scaled = torch.frac(terms, out=scratch.get("split", rows)).mul_(scale)
+    integers = torch.round(scaled, out=scratch.get("integers", rows))
+    rest_hi = integers.sum(dim=-1, keepdim=True) / scale
+    rest_lo = scaled.sub_(integers).sum(dim=-1, keepdim=True) / scale
+    rest_lo += torch.mul(terms, error, out=integers).sum(dim=-1, keepdim=True)
+    # The rounded total errs by far less than 1/2: total - rest is the count of ones.
+    top = torch.round(total - rest_hi - rest_lo)
+    return top, rest_hi, rest_lo
+
+
+def _row_totals(
+    top: torch.Tensor, rest_hi: torch.Tensor, rest_lo: torch.Tensor, m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(exp(x - m)) = hi + lo`` (``hi = top + rest_hi`` is exact); an all -inf row
+    gets ``hi = 1`` (its probabilities are 0 rather than 0/0), a NaN row ``hi = NaN``."""
+    hi = torch.where(m == -math.inf, 1, top + rest_hi)
+    return torch.where(m.isnan(), math.nan, hi), rest_lo
+
+
+def _double_word_probabilities(
+    terms: torch.Tensor,
+    error: torch.Tensor,
+    total_hi: torch.Tensor,
+    total_lo: torch.Tensor,
+) -> torch.Tensor:
+    """``exp(d + error) / (total_hi + total_lo)`` in place of ``terms = exp(d)``
+    (float64).
+
+    ``q = exp(d) / total_hi`` is rounded once; ``q * (1 + error - total_lo / total_hi)``
+    folds both corrections in with one more rounding, so the result is within about
+    1.5 ulp (exp's own error included). Consumes ``error``.
+    """
+    probs = terms.div_(total_hi)
+    error.sub_(total_lo / total_hi)
+    return probs.addcmul_(probs, error)
+
+
+def _log_double_word(
+    top: torch.Tensor, rest_hi: torch.Tensor, rest_lo: torch.Tensor
+) -> torch.Tensor:
+    """``log(top + rest_hi + rest_lo)`` per row as ``log(top) + log1p(rest / top)``:
+    ``rest`` is the rounded sum of the two parts (TwoSum) and its rounding error enters
+    by its first-order term."""
+    rest = rest_hi + rest_lo
+    b_virtual = rest - rest_hi
+    residual = (rest_hi - (rest - b_virtual)) + (rest_lo - b_virtual)
+    ratio = rest / top
+    return torch.log(top) + (torch.log1p(ratio) + residual / top / (1 + ratio))
+
+
+def _double_word_stats(
+    x: torch.Tensor, m: torch.Tensor, scratch: _Scratch
+) -> tuple[torch.Tensor, ...]:
+    """For a float64 block: ``d``, its ``error``, ``terms = exp(d)``, ``top``,
+    ``rest_hi`` and ``rest_lo`` (see :func:`_double_word_sums`)."""
+    d, error = _shifted(x, m, scratch)
+    terms = torch.exp(d, out=scratch.get("terms", x.shape[0]))
+    return d, error, terms, *_double_word_sums(terms, error, scratch)
 
 
 # --------------------------------------------------------------------------------------
@@ -220,9 +380,8 @@ def _check_args(
     return x, dim, mask
 
 
-def _apply_mask(x2: torch.Tensor, mask2: torch.Tensor | None) -> torch.Tensor:
-    """``x2`` with the entries outside the mask set to -inf (NaN ones included)."""
-    return x2 if mask2 is None else x2.masked_fill(~mask2, -math.inf)
+def _block_mask(mask2: torch.Tensor | None, block: slice) -> torch.Tensor | None:
+    return None if mask2 is None else mask2[block]
 
 
 # --------------------------------------------------------------------------------------
@@ -233,52 +392,55 @@ def _apply_mask(x2: torch.Tensor, mask2: torch.Tensor | None) -> torch.Tensor:
 class _Softmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, mask2):
-        xm = _apply_mask(x2, mask2)
         out = torch.empty_like(x2)
-        blocks = _row_blocks(*xm.shape, xm.device)
-        scratch = _Scratch(xm, blocks)
+        blocks = _row_blocks(*x2.shape, x2.device)
+        scratch = _Scratch(x2, blocks)
+        stats = []
         for block in blocks:
-            xb = xm[block]
-            m = xb.amax(dim=-1, keepdim=True)
-            if xb.dtype in (torch.float16, torch.bfloat16):
-                _store(_half_softmax(xb, m, scratch), out[block])
-                continue
-            d, error = _shifted(xb, m, scratch)
-            terms = _exp(d, error, out=d)
-            total = terms.sum(dim=-1, keepdim=True)
-            if error is not None:
-                # float64 input, no wider sum: adding tiny terms to the maxima (each
-                # exactly 1) rounds at ulp(1) every time; summing the others apart and
-                # adding the count of maxima last rounds once.
-                rest = torch.frac(terms, out=scratch.get("rest", xb.shape[0]))
-                rest = rest.sum(dim=-1, keepdim=True)
-                total = torch.round(total - rest) + rest
-            # An all -inf row sums to 0: divide by 1, its softmax is 0 rather than 0/0.
-            total = torch.where(m == -math.inf, 1, total)
-            total = torch.where(m.isnan(), math.nan, total)
-            _store(terms.div_(total), out[block])
-        ctx.save_for_backward(out)
+            wide = _load(x2[block], _block_mask(mask2, block), scratch)
+            if x2.dtype == torch.float64:
+                m = wide.amax(dim=-1, keepdim=True)
+                _, error, terms, top, rest_hi, rest_lo = _double_word_stats(wide, m, scratch)
+                total_hi, total_lo = _row_totals(top, rest_hi, rest_lo, m)
+                probs = _double_word_probabilities(terms, error, total_hi, total_lo)
+            else:
+                m = _clamped_max(wide)
+                shift = _shift(m)
+                terms = _exp(wide.sub_(shift), None, out=wide)
+                scale = _reciprocal_total(terms.sum(dim=-1, keepdim=True), m)
+                probs = terms.mul_(scale)
+                stats.append(torch.cat([shift, scale], dim=1))
+            _store(probs, out[block])
+        # float16/bfloat16: the gradient is recomputed in float32 from the input and the
+        # per-row shift and scale; float32/float64 use the saved output.
+        ctx.recompute = x2.dtype in _LOW_PRECISION
+        if ctx.recompute:
+            ctx.save_for_backward(x2, mask2, torch.cat(stats))
+        else:
+            ctx.save_for_backward(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return torch._softmax_backward_data(grad, y, -1, y.dtype), None
-
-
-def _half_softmax(xb: torch.Tensor, m: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-    """Softmax of a float16/bfloat16 block in float32 with PyTorch's fused kernel.
-
-    The kernel's float32 errors (a few float32 ulp) are 2**-14 of a bfloat16 ulp, so the
-    one rounding to the input dtype is as good as rounding the exact value. Clamping to
-    the float32 range changes nothing else: +inf entries become a value above every
-    finite half value (they share the row), -inf entries stay at exp(...) = 0, and an
-    all -inf row becomes uniform instead of 0/0, then is zeroed by its row factor.
-    """
-    big = torch.finfo(torch.float32).max
-    wide = scratch.get("shifted", xb.shape[0]).copy_(xb).clamp_(-big, big)
-    probs = torch.softmax(wide, -1, out=scratch.get("terms", xb.shape[0]))
-    return probs.mul_((m != -math.inf).to(probs.dtype))
+        if not ctx.recompute:
+            (y,) = ctx.saved_tensors
+            return torch._softmax_backward_data(grad, y, -1, y.dtype), None
+        x2, mask2, stats = ctx.saved_tensors
+        grad_x = torch.empty_like(x2)
+        blocks = _row_blocks(*x2.shape, x2.device)
+        scratch = _Scratch(x2, blocks)
+        for block in blocks:
+            rows = block.stop - block.start
+            wide = _load(x2[block], _block_mask(mask2, block), scratch)
+            shift, scale = stats[block].split(1, dim=1)
+            _clamp_infinities(wide, shift)
+            probs = _wide_probabilities(wide, shift, scale)
+            grad_wide = scratch.get("grad", rows).copy_(grad[block])
+            # p * (g - sum(g * p)) in float32, rounded once to the input dtype.
+            result = scratch.get("result", rows)
+            torch._softmax_backward_data(grad_wide, probs, -1, probs.dtype, grad_input=result)
+            _store(result, grad_x[block])
+        return grad_x, None
 
 
 def softmax(x: torch.Tensor, dim: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,7 +475,11 @@ def softmax(x: torch.Tensor, dim: int, *, mask: torch.Tensor | None = None) -> t
           ``k = 1``);
         * a NaN that takes part: the whole row is NaN.
 
-        The gradient is PyTorch's ``y * (g - sum(g * y))`` on the saved output.
+        The gradient is ``y * (g - sum(g * y))``: for float32 and float64 PyTorch's
+        kernel on the saved output (within 2 and 3 ulp); for float16 and bfloat16 it
+        is computed in float32 from probabilities recomputed from the saved input and
+        rounded once (the rounded output would cost up to 1.5 ulp). Either way one
+        tensor of the input's size is saved (plus two floats per row).
 
     Raises
     ------
@@ -353,28 +519,59 @@ def softmax(x: torch.Tensor, dim: int, *, mask: torch.Tensor | None = None) -> t
 class _LogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, mask2):
-        xm = _apply_mask(x2, mask2)
         out = torch.empty_like(x2)
-        blocks = _row_blocks(*xm.shape, xm.device)
-        scratch = _Scratch(xm, blocks)
+        blocks = _row_blocks(*x2.shape, x2.device)
+        scratch = _Scratch(x2, blocks)
+        native = x2.dtype == torch.float64
+        stats = []
         for block in blocks:
-            xb = xm[block]
-            m = xb.amax(dim=-1, keepdim=True)
-            d, error = _shifted(xb, m, scratch)
-            terms = _exp(d, error, out=scratch.get("terms", xb.shape[0]))
-            log_norm = _log_normaliser(terms, m)
-            # d is exact for float32/16 input and the one rounding of d - log_norm is in
-            # the wide dtype; float64 input rounds d, but |d - log_norm| >= |d|.
-            _store(d.sub_(log_norm.to(d.dtype)), out[block])
-        ctx.save_for_backward(out, mask2)
+            wide = _load(x2[block], _block_mask(mask2, block), scratch)
+            if native:
+                m = wide.amax(dim=-1, keepdim=True)
+                d, error, _, top, rest_hi, rest_lo = _double_word_stats(wide, m, scratch)
+                log_norm = _log_double_word(top, rest_hi, rest_lo)
+                log_norm = _settle_rows(log_norm, m)
+                # (x - m) - log_norm = (d - log_norm) + error: |result| >= |d|, so the
+                # two roundings are each at most half an ulp of the result.
+                _store(d.sub_(log_norm).add_(error), out[block])
+                stats.append(torch.cat([_shift(m), *_row_totals(top, rest_hi, rest_lo, m)], 1))
+            else:
+                m = _clamped_max(wide)
+                d = wide.sub_(_shift(m))
+                terms = _exp(d, None, out=scratch.get("terms", wide.shape[0]))
+                log_norm = _log_normaliser(terms, m).to(d.dtype)
+                # d is exact and the one rounding of d - log_norm is in the wide dtype.
+                _store(d.sub_(log_norm), out[block])
+                stats.append(torch.cat([_shift(m), log_norm], 1))
+        ctx.save_for_backward(x2, mask2, torch.cat(stats))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, mask2 = ctx.saved_tensors
-        grad_x = torch._log_softmax_backward_data(grad, out, -1, out.dtype)
-        if mask2 is not None:
-            grad_x = grad_x.masked_fill(~mask2, 0)
+        x2, mask2, stats = ctx.saved_tensors
+        grad_x = torch.empty_like(x2)
+        blocks = _row_blocks(*x2.shape, x2.device)
+        scratch = _Scratch(x2, blocks)
+        for block in blocks:
+            mask_b = _block_mask(mask2, block)
+            wide = _load(x2[block], mask_b, scratch)
+            shift, *normaliser = stats[block].split(1, dim=1)
+            if x2.dtype == torch.float64:
+                d, error = _shifted(wide, shift, scratch)
+                probs = _double_word_probabilities(torch.exp(d, out=d), error, *normaliser)
+            else:
+                _clamp_infinities(wide, shift)
+                probs = _wide_log_probabilities(wide, shift, *normaliser)
+            grad_wide = grad[block]
+            if grad_wide.dtype != probs.dtype:
+                grad_wide = scratch.get("grad", probs.shape[0]).copy_(grad_wide)
+            # g - p * sum(g), every step in the wide dtype (float64 for float32 input:
+            # the products are exact and the difference is rounded once).
+            total = grad_wide.sum(dim=-1, keepdim=True)
+            result = torch.addcmul(grad_wide, probs, total, value=-1, out=probs)
+            if mask_b is not None:
+                result.masked_fill_(~mask_b, 0)
+            _store(result, grad_x[block])
         return grad_x, None
 
 
@@ -411,8 +608,14 @@ def log_softmax(x: torch.Tensor, dim: int, *, mask: torch.Tensor | None = None) 
         * ``k`` entries ``+inf``: ``-log(k)`` at them, ``-inf`` elsewhere;
         * a NaN that takes part: the whole row is NaN.
 
-        The gradient is PyTorch's ``g - exp(out) * sum(g)`` on the saved output, whose
-        softmax term has a relative error of about ``|out| * 2**-24`` (float32).
+        The gradient is ``g - p * sum(g)`` with the probabilities ``p`` recomputed
+        from the saved input and per-row statistics in the wide dtype (float64 input:
+        with TwoSum and the double-word row sum), and rounded once: within about half
+        an ulp (float64: 2 ulp) where well conditioned. PyTorch takes ``exp`` of the
+        saved output, whose rounding costs a relative error of ``|out| * 2**-24``
+        (float32), tens of ulps for log-probabilities below -20. The input is saved
+        instead of the output: the same number of bytes, plus two or three numbers per
+        row.
 
     Raises
     ------
