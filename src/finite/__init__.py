@@ -19,6 +19,7 @@ from finite.clipping import (
     total_norm,
 )
 from finite.formats import FORMATS, CastReport, FloatFormat, cast_report, get_format, round_to
+from finite.monitor import History, Monitor, NonfiniteEvent, OpLocation, locate
 from finite.precision import CompensatedOptimizer, MasterWeights, compensated
 from finite.scaling import LossScaler, NonFiniteGradient, OverflowReport, ScalerConfig, ScaleRecord
 
@@ -30,9 +31,13 @@ __all__ = [
     "ClipResult",
     "CompensatedOptimizer",
     "FloatFormat",
+    "History",
     "LossScaler",
     "MasterWeights",
+    "Monitor",
     "NonFiniteGradient",
+    "NonfiniteEvent",
+    "OpLocation",
     "OverflowReport",
     "ScaleRecord",
     "ScalerConfig",
@@ -45,6 +50,7 @@ __all__ = [
     "clip_grad_value_",
     "compensated",
     "get_format",
+    "locate",
     "ops",
     "round_to",
     "total_norm",
