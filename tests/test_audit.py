@@ -472,3 +472,16 @@ def test_cli_rejects_bad_arguments_with_exit_2(argv, message, capsys):
         main(["audit", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_only_float64_values_of_the_log_space_ops_are_documented_exceptions():
+    from finite.audit import is_documented_exception, meets_target
+
+    assert is_documented_exception("logsumexp", torch.float64, "forward")
+    assert not is_documented_exception("logsumexp", torch.float64, "gradient")
+    assert not is_documented_exception("logsumexp", torch.float32, "forward")
+    assert not is_documented_exception("softmax", torch.float64, "forward")
+    # an exception is still judged on non-finite results
+    assert meets_target(600.0, 0, "float64", "forward", op="logmeanexp")
+    assert not meets_target(600.0, 1, "float64", "forward", op="logmeanexp")
+    assert not meets_target(600.0, 0, "float64", "forward")

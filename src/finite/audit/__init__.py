@@ -12,19 +12,26 @@ prints both; the table is in ``docs/accuracy.md``.
 from finite.audit.cases import CASES, AuditCase
 from finite.audit.run import DEFAULT_SAMPLES, DTYPES, AuditRow, run_audit, run_special_cases
 from finite.audit.specials import SPECIAL_CASES, SpecialCase, SpecialResult
-from finite.audit.targets import meets_target, target_ulp
+from finite.audit.targets import (
+    FLOAT64_CANCELLATION_OPS,
+    is_documented_exception,
+    meets_target,
+    target_ulp,
+)
 from finite.audit.ulp import ErrorStats, summarize, ulp, ulp_error
 
 __all__ = [
     "CASES",
     "DEFAULT_SAMPLES",
     "DTYPES",
+    "FLOAT64_CANCELLATION_OPS",
     "SPECIAL_CASES",
     "AuditCase",
     "AuditRow",
     "ErrorStats",
     "SpecialCase",
     "SpecialResult",
+    "is_documented_exception",
     "meets_target",
     "run_audit",
     "run_special_cases",

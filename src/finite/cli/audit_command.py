@@ -38,6 +38,7 @@ from finite.audit import (
     AuditRow,
     ErrorStats,
     SpecialResult,
+    is_documented_exception,
     meets_target,
     run_audit,
     run_special_cases,
@@ -142,7 +143,7 @@ def _positive_int(text: str) -> int:
 
 
 def _meets(row: AuditRow, stats: ErrorStats) -> bool:
-    return meets_target(stats.max_ulp, stats.nonfinite, row.dtype, row.quantity)
+    return meets_target(stats.max_ulp, stats.nonfinite, row.dtype, row.quantity, row.op)
 
 
 def _print_wide(table: Table) -> None:
@@ -184,7 +185,9 @@ def _finite_cells(row: AuditRow) -> list[str]:
     target (the mark survives where colour does not: a pipe, a file, the docs)."""
     stats = row.finite
     max_cell, p99_cell, nonfinite_cell = _stats_cells(stats, "")
-    if stats.max_ulp > target_ulp(row.dtype, row.quantity):
+    if is_documented_exception(row.op, row.dtype, row.quantity):
+        max_cell = f"{max_cell}\N{DAGGER}"
+    elif stats.max_ulp > target_ulp(row.dtype, row.quantity):
         max_cell = f"[red]{max_cell}*[/red]"
     if stats.nonfinite > 0:
         nonfinite_cell = f"[red]{nonfinite_cell}*[/red]"

@@ -1,8 +1,11 @@
 """Log-space arithmetic: sums, means and differences of exponentials, kept finite.
 
 Every function here works on ``log`` values and never forms ``exp(x)`` where it could
-overflow or underflow on the way to a representable result. float16/bfloat16 inputs are
-computed in float32 and rounded once to the input dtype; float64 stays float64.
+overflow or underflow on the way to a representable result. Each result is rounded once
+to the input dtype: float16/bfloat16 inputs are computed in float32, float32 inputs of
+the sums and differences (``logsumexp``, ``logmeanexp``, ``logaddexp``, ``logsubexp``)
+in float64, where a result near 0 can be the difference of two terms of order 1;
+float64 stays float64.
 
 References
 ----------
@@ -26,11 +29,36 @@ __all__ = ["log1mexp", "log1pexp", "logaddexp", "logmeanexp", "logsubexp", "logs
 
 _LOG_2 = math.log(2.0)
 
-# On CPU the reductions run over blocks of rows sharing one scratch buffer of about 2**24
-# elements (64 MiB of float32), instead of a fresh full-size temporary per step: page
-# faults on fresh memory cost more than the arithmetic. Smaller blocks would stay in cache
-# but multiply the parallel regions, which stall on a machine whose cores are busy.
+# On CPU the reductions run over blocks of about 2**24 elements sharing one workspace
+# (128 MiB in float64) instead of fresh full-size temporaries, whose page faults cost
+# more than the arithmetic. Blocks small enough to stay in cache would multiply the
+# parallel regions (about ten per block), which stall badly on a machine whose cores are
+# busy. On CUDA the caching allocator makes temporaries free; blocks there only bound the
+# memory of a float64 workspace.
 _CPU_BLOCK_ELEMENTS = 1 << 24
+_CUDA_BLOCK_BYTES = 1 << 30
+
+# The softmax kept for the backward pass of a float32 input is stored times 2**64: its
+# entries down to 2**-190 stay normal in float32, so that multiplying one by a large
+# incoming gradient (a loss scale) does not enlarge the rounding of a subnormal.
+_PROBS_EXPONENT = 64
+
+
+def _work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the log-space functions compute in: float64 for float32 input.
+
+    A result near 0 can be the difference of two terms of order 1 (``m + log(s)`` with
+    ``m ~ -log(s)``), so the terms need more digits than the result: 29 more bits keep a
+    float32 result within half an ulp plus ``2**-29`` ulp per unit of the condition
+    number, and float64 differences of float32 values are exact, so ``exp(x - m)`` has
+    no rounding error in its argument. float16/bfloat16 are computed in float32 (13 or
+    16 extra bits); float64 stays float64 (there is no wider type: error-free
+    transformations recover the rounding of ``x - m`` where it matters). MPS has no
+    float64.
+    """
+    if dtype == torch.float32 and device.type != "mps":
+        return torch.float64
+    return compute_dtype(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -52,22 +80,25 @@ def _as_rows(t: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, tupl
     return t.permute(perm).reshape(rows, cols), perm
 
 
-def _from_rows(t2: torch.Tensor, like: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
-    """Undo :func:`_as_rows` for a tensor shaped like its 2-d result."""
-    if like.ndim == 0:
+def _from_rows(t2: torch.Tensor, shape: torch.Size, perm: tuple[int, ...]) -> torch.Tensor:
+    """Undo :func:`_as_rows` for a tensor of ``shape`` viewed as its 2-d ``t2``."""
+    if len(shape) == 0:
         return t2.reshape(())
-    moved_shape = tuple(like.shape[d] for d in perm)
+    moved_shape = tuple(shape[d] for d in perm)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     return t2.reshape(moved_shape).permute(inverse)
 
 
-def _row_blocks(x2: torch.Tensor) -> list[slice]:
+def _row_blocks(x2: torch.Tensor, dtype: torch.dtype) -> list[slice]:
+    """Row slices of ``x2`` whose workspace (in ``dtype``) fits one block's budget."""
     rows, cols = x2.shape
-    if x2.device.type != "cpu" or torch.compiler.is_compiling():
-        step = max(rows, 1)
-    else:
+    if torch.compiler.is_compiling():
+        return [slice(0, rows)]
+    if x2.device.type == "cpu":
         step = max(1, _CPU_BLOCK_ELEMENTS // max(cols, 1))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+    else:
+        step = max(1, _CUDA_BLOCK_BYTES // max(cols * dtype.itemsize, 1))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)] or [slice(0, 0)]
 
 
 def _scratch(x2: torch.Tensor, blocks: list[slice], dtype: torch.dtype) -> torch.Tensor | None:
@@ -81,34 +112,63 @@ def _scratch(x2: torch.Tensor, blocks: list[slice], dtype: torch.dtype) -> torch
 
 def _shifted(xb: torch.Tensor, shift: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
     """``xb - shift`` in the dtype of ``shift``, written into ``scratch`` if given."""
-    if scratch is None:
-        return torch.sub(xb, shift)
-    out = scratch[: xb.shape[0]]
-    if xb.dtype == out.dtype:
-        return torch.sub(xb, shift, out=out)
-    # A mixed-dtype sub is a slow path on CPU; converting first is not.
+    out = None if scratch is None else scratch[: xb.shape[0]]
+    if xb.dtype == shift.dtype or xb.device.type != "cpu":
+        # On CUDA a mixed-dtype sub converts in the kernel, without a widened copy of xb.
+        return torch.sub(xb, shift) if out is None else torch.sub(xb, shift, out=out)
+    # On CPU a mixed-dtype sub is a slow path; converting first is not.
+    if out is None:
+        out = torch.empty(xb.shape, dtype=shift.dtype, device=xb.device)
     return out.copy_(xb).sub_(shift)
 
 
+def _difference_error(
+    xb: torch.Tensor, shift: torch.Tensor, d: torch.Tensor, scratch: list[torch.Tensor | None]
+) -> torch.Tensor:
+    """``e`` with ``xb - shift = d + e`` exactly, ``d`` being the rounded difference.
+
+    Knuth's TwoSum of ``xb`` and ``-shift``: it needs no ordering of the two, and both
+    orders occur in a row. ``scratch`` holds two buffers (or Nones) for the work. Where
+    ``d`` is not finite the error is 0.
+    """
+    rows = xb.shape[0]
+    first, second = (None if buf is None else buf[:rows] for buf in scratch)
+    virtual_b = torch.sub(d, xb, out=first) if first is not None else torch.sub(d, xb)
+    error = torch.sub(d, virtual_b, out=second) if second is not None else d - virtual_b
+    torch.sub(xb, error, out=error)  # what rounding took from xb ...
+    torch.sub(shift.neg(), virtual_b, out=virtual_b)  # ... and from -shift
+    return error.add_(virtual_b).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _split_sums(
-    x2: torch.Tensor, w2: torch.Tensor | None, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x2: torch.Tensor,
+    w2: torch.Tensor | None,
+    dtype: torch.dtype,
+    mean: bool = False,
+    probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per row of ``x2``: the max ``m``, the total weight ``top`` of the entries equal to
-    ``m``, and ``rest``, the weighted sum of ``exp(x - m)`` over the other entries.
+    ``m``, ``rest``, the weighted sum of ``exp(x - m)`` over the other entries, and with
+    ``mean`` (no weights) ``excess = sum(expm1(x - m))`` (else None). Given ``probs``
+    (no weights), the softmax ``exp(x - m) / (top + rest)`` times ``2**_PROBS_EXPONENT``
+    is written into it, rounded once.
 
     The row's sum of exponentials is ``exp(m) * (top + rest)``. Keeping the max apart
     (Blanchard, Higham & Higham) lets ``log1p(rest / top)`` keep the digits of a tiny
-    ``rest`` that ``log(1 + rest)`` would round away.
+    ``rest`` that ``log(1 + rest)`` would round away. ``excess`` is ``top + rest - n``
+    without the cancellation (see :func:`_log_mean_exp`).
     """
-    blocks = _row_blocks(x2)
+    blocks = _row_blocks(x2, dtype)
     scratch = _scratch(x2, blocks, dtype)
+    second_scratch = _scratch(x2, blocks, dtype) if mean or probs is not None else None
     # Two ways to take the maxima out of the sum, both exact. On CPU, max() with indices
     # is a scalar loop, several times slower than amax() plus the two extra (cached) passes
     # of frac(); on GPU those passes cost more than the indices.
     by_index = w2 is None and x2.device.type != "cpu"
-    maxima, tops, rests = [], [], []
+    maxima, tops, rests, excesses = [], [], [], []
     for block in blocks:
         xb = x2[block]
+        second = None if second_scratch is None else second_scratch[: xb.shape[0]]
         if by_index:
             mb, at_max = xb.max(dim=-1, keepdim=True)
         else:
@@ -118,18 +178,36 @@ def _split_sums(
                 xb = xb.masked_fill(wb == 0, -math.inf)
             mb = xb.amax(dim=-1, keepdim=True)
         mb = mb.to(dtype)
-        # A non-finite max would make x - m NaN (inf - inf); such rows are settled from m.
-        terms = _shifted(xb, torch.where(mb.isfinite(), mb, 0), scratch).exp_()
+        # A non-finite max would make x - m NaN (inf - inf). In a +inf row, the largest
+        # finite shift keeps exp() at inf for the +inf entries and 0 for the others.
+        shift = torch.nan_to_num(mb, nan=0.0, neginf=0.0)  # +inf -> the largest float
+        terms = _shifted(xb, shift, scratch)
+        if mean:
+            excess = torch.expm1(terms) if second is None else torch.expm1(terms, out=second)
+            excesses.append(excess.sum(dim=-1, keepdim=True))
+        terms = terms.exp_()
         # With a finite max, terms <= 1 with equality exactly at the maxima (exp(0) = 1).
         if by_index:
             # Take one maximum out (one element per row); ties stay in rest as 1 each.
             rest = terms.scatter_(-1, at_max, 0).sum(dim=-1, keepdim=True)
             top = torch.ones_like(rest)
+            if probs is not None:
+                divisor = _probability_divisor(mb, top + rest)
+                torch.div(terms, divisor, out=probs[block])
+                # The entry taken out: exp(0) / divisor, NaN at a +inf max, 0 at a -inf max.
+                at_max_prob = torch.where(mb == math.inf, math.nan, divisor.reciprocal())
+                at_max_prob = torch.where(mb == -math.inf, 0, at_max_prob)
+                probs[block].scatter_(-1, at_max, at_max_prob.to(probs.dtype))
         elif w2 is None:
             # frac() sends the maxima to 0; total - rest counts them, up to rounding far
             # below 1/2. A +inf row has total = inf and only needs a positive top.
             total = terms.sum(dim=-1, keepdim=True)
-            rest = terms.frac_().sum(dim=-1, keepdim=True)
+            if probs is None:
+                rest = terms.frac_().sum(dim=-1, keepdim=True)
+            else:
+                fractions = torch.frac(terms) if second is None else torch.frac(terms, out=second)
+                rest = fractions.sum(dim=-1, keepdim=True)
+                probs[block] = terms.div_(_probability_divisor(mb, total))
             top = torch.where(total == math.inf, 1, torch.round(total - rest))
         else:
             # trunc() picks the maxima and frac() the others. In a +inf row, top becomes
@@ -139,7 +217,20 @@ def _split_sums(
         maxima.append(mb)
         tops.append(top)
         rests.append(rest)
-    return torch.cat(maxima), torch.cat(tops), torch.cat(rests)
+    excess = torch.cat(excesses) if mean else None
+    return torch.cat(maxima), torch.cat(tops), torch.cat(rests), excess
+
+
+def _probability_divisor(m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """What ``exp(x - shift)`` is divided by to give the kept softmax, the gradient of
+    :func:`logsumexp` times ``2**_PROBS_EXPONENT``: the row's sum over that power of 2,
+    except in the rows settled from their max. In a +inf row (terms inf at the +inf
+    entries, 0 elsewhere) +inf gives NaN there and 0 elsewhere, as the +inf shift of the
+    backward pass would; in a -inf row (terms and total 0) 1 gives zeros; a NaN row NaN."""
+    divisor = torch.where(m == math.inf, math.inf, total)
+    divisor = torch.where(m == -math.inf, 1, divisor)
+    divisor = torch.where(m.isnan(), math.nan, divisor)
+    return divisor * 2.0**-_PROBS_EXPONENT
 
 
 def _log_abs_sum(
@@ -168,28 +259,14 @@ def _log_abs_sum(
 
 
 def _log_mean_exp(
-    x2: torch.Tensor,
-    m: torch.Tensor,
-    total: torch.Tensor,
-    lse: torch.Tensor,
-    dtype: torch.dtype,
+    m: torch.Tensor, total: torch.Tensor, excess: torch.Tensor, lse: torch.Tensor, count: int
 ) -> torch.Tensor:
     """``m + log(total / n)`` per row, ``total = sum(exp(x - m))`` over the n columns.
 
     Near a tie of all entries, ``total / n`` is close to 1 and ``total - n`` cancels the
-    digits that carry the answer; ``sum(expm1(x - m))`` is that difference computed
-    directly (exactly 0 when all entries are equal), at the cost of one more pass.
+    digits that carry the answer; ``excess = sum(expm1(x - m))`` is that difference
+    computed directly (exactly 0 when all entries are equal).
     """
-    count = x2.shape[1]
-    blocks = _row_blocks(x2)
-    scratch = _scratch(x2, blocks, dtype)
-    shift = torch.where(m.isfinite(), m, 0)
-    excess = torch.cat(
-        [
-            _shifted(x2[block], shift[block], scratch).expm1_().sum(dim=-1, keepdim=True)
-            for block in blocks
-        ]
-    )
     log_mean = torch.where(total > count / 2, torch.log1p(excess / count), torch.log(total / count))
     # Rows with a non-finite max are settled as for the sum: ±inf or NaN.
     return torch.where(m.isfinite(), m + log_mean, lse)
@@ -198,27 +275,36 @@ def _log_mean_exp(
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, dims, keepdim, mean, return_sign):
-        dtype = compute_dtype(x.dtype)
+        dtype = _work_dtype(x.dtype, x.device)
         x2, _ = _as_rows(x, dims)
         rows, cols = x2.shape
         w2 = None
         if weights is not None:
             w2, _ = _as_rows(weights.to(dtype).expand(x.shape), dims)
+        # A float32 input computed in float64 keeps its softmax, rounded once to float32,
+        # for the backward pass: one float64 exp per element instead of two, and no
+        # float64 workspace in the backward pass, for the memory of one more tensor like
+        # x (as torch.softmax keeps its output). Elsewhere the backward pass recomputes it.
+        keep_probs = w2 is None and dtype != x.dtype == torch.float32 and ctx.needs_input_grad[0]
+        probs = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if keep_probs else None
         if cols == 0:
             lse = torch.full((rows, 1), -math.inf, dtype=dtype, device=x.device)
             sign = torch.zeros_like(lse)
             value = torch.full_like(lse, math.nan) if mean else lse
-            shift = scale = torch.zeros_like(lse)
+            shift, denominator = torch.zeros_like(lse), torch.full_like(lse, math.inf)
         else:
-            m, top, rest = _split_sums(x2, w2, dtype)
+            m, top, rest, excess = _split_sums(x2, w2, dtype, mean, probs)
             lse, sign = _log_abs_sum(m, top, rest)
-            value = _log_mean_exp(x2, m, top + rest, lse, dtype) if mean else lse
-            shift, scale = _gradient_factors(m, top, rest, lse)
+            value = _log_mean_exp(m, top + rest, excess, lse, cols) if mean else lse
+            shift, denominator = _gradient_factors(m, top, rest, lse)
         if not return_sign:
             value = torch.where(sign < 0, math.nan, value)
-            scale = torch.where(sign < 0, math.nan, scale)
+            denominator = torch.where(sign < 0, math.nan, denominator)
         ctx.dims = dims
-        ctx.save_for_backward(x, weights, shift, scale)
+        # The backward pass turns the kept softmax into the gradient in place; a second
+        # backward pass (retain_graph=True) recomputes it from x.
+        ctx.probs = probs
+        ctx.save_for_backward(x, weights, shift, denominator)
         out_shape = _reduced_shape(x.shape, dims, keepdim)
         value = value.to(x.dtype).reshape(out_shape)
         sign = sign.to(x.dtype).reshape(out_shape)
@@ -227,66 +313,83 @@ class _LogSumExp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, grad_sign):
-        x, weights, shift, scale = ctx.saved_tensors
+        x, weights, shift, denominator = ctx.saved_tensors
+        x2, perm = _as_rows(x, ctx.dims)
+        probs, ctx.probs = ctx.probs, None
+        if probs is not None:
+            # probs * 2**-64 * grad in two products, the first rounded once, the second by
+            # a power of 2: neither factor is subnormal unless the result underflows.
+            grad = grad_value.to(probs.dtype).reshape(-1, 1)
+            large = grad.abs() >= 1
+            scale = 2.0**-_PROBS_EXPONENT
+            probs.mul_(torch.where(large, grad * scale, grad)).mul_(torch.where(large, 1, scale))
+            return _from_rows(probs, x.shape, perm), None, None, None, None, None
         need_x, need_w = ctx.needs_input_grad[:2]
         dtype = shift.dtype
-        x2, perm = _as_rows(x, ctx.dims)
-        upstream = grad_value.to(dtype).reshape(-1, 1) * scale
+        upstream = grad_value.to(dtype).reshape(-1, 1) / denominator
         w2 = None
         if weights is not None:
             w2, _ = _as_rows(weights.to(dtype).expand(x.shape), ctx.dims)
         grad_x2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_x else None
         grad_w2 = torch.empty(x2.shape, dtype=dtype, device=x.device) if need_w else None
-        blocks = _row_blocks(x2)
+        blocks = _row_blocks(x2, dtype)
+        # In a wider work dtype x - m is exact (to far below the output's ulp); in the
+        # input's own dtype its rounding error is fed back in (see _gradient_factors).
+        native = x.dtype == dtype
+        error_scratch = [_scratch(x2, blocks, dtype) for _ in range(2)] if native else []
         # Without weights and in the compute dtype, the gradient buffer is the workspace.
-        in_place = w2 is None and x.dtype == dtype
+        in_place = w2 is None and native
         scratch = None if in_place else _scratch(x2, blocks, dtype)
         for block in blocks:
-            workspace = grad_x2[block] if in_place else scratch
-            weight = _shifted(x2[block], shift[block], workspace).exp_()
+            xb = x2[block]
+            d = _shifted(xb, shift[block], grad_x2[block] if in_place else scratch)
+            error = _difference_error(xb, shift[block], d, error_scratch) if native else None
+            weight = d.exp_()
+            if error is not None:
+                weight.addcmul_(weight, error)  # exp(d + e) = exp(d) * (1 + e) + O(e**2)
             weight.mul_(upstream[block])
             if w2 is None:
                 if not in_place:
-                    grad_x2[block] = weight  # the one rounding to float16/bfloat16
+                    grad_x2[block] = weight  # the one rounding to the input dtype
                 continue
             wb = w2[block]
             if need_w:
                 grad_w2[block] = weight
             if need_x:
                 grad_x2[block] = torch.where(wb == 0, 0, weight * wb)
-        grad_x = _from_rows(grad_x2, x, perm) if need_x else None
+        grad_x = _from_rows(grad_x2, x.shape, perm) if need_x else None
         grad_w = None
         if need_w:
-            grad_w = _from_rows(grad_w2, x, perm).sum_to_size(weights.shape).to(weights.dtype)
+            grad_w = _from_rows(grad_w2, x.shape, perm).sum_to_size(weights.shape)
+            grad_w = grad_w.to(weights.dtype)
         return grad_x, grad_w, None, None, None, None
 
 
 def _gradient_factors(
     m: torch.Tensor, top: torch.Tensor, rest: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``shift`` and ``scale`` with ``d lse / d w_i = exp(x_i - shift) * scale``.
+    """Per-row ``shift`` and ``denominator`` with
+    ``d lse / d w_i = exp(x_i - shift) / denominator``.
 
-    The gradient is ``exp(x_i - m) / (top + rest)``, built from the exact max rather than
-    the rounded result (whose rounding, up to |lse| * eps, would enter every weight).
-    Forming ``x_i - m`` can itself round, by up to |x_i - m| * eps / 2, which ``exp``
-    turns into a relative error of the same size. Where ``exp(-m)`` lies in [tiny, 2],
-    the weight is ``exp(x_i) * exp(-m)`` instead: no difference is formed, ``exp(x_i)``
-    cannot overflow (x_i <= m), and an ``exp(x_i)`` in the subnormal range is scaled by
-    at most 2. Edge rows:
+    Used where the backward pass recomputes the exponentials (all but unweighted float32
+    input, see _LogSumExp). The gradient is ``exp(x_i - m) / (top + rest)``, built from
+    the exact max rather than the rounded result (whose rounding, up to |lse| * eps,
+    would enter every weight). In the input's own dtype (float64) ``x_i - m`` can round,
+    by up to ``|x_i - m| * eps / 2``, which ``exp`` would turn into a relative error of
+    the same size (hundreds of ulps at ``|x_i - m| ~ 700``); the backward pass recovers
+    the rounding error ``e`` exactly (TwoSum) and uses ``exp(d) * (1 + e)``. Edge rows:
 
     * +inf result: the derivative is undefined; ``exp(x_i - inf)`` gives NaN at the +inf
       entries and 0 at the others, as in PyTorch.
     * -inf result (all -inf, or weights that cancel): zero gradient; the +inf shift keeps
-      ``exp`` at 0.
+      ``exp`` at 0 and the denominator is +inf.
     * NaN result: NaN gradient.
     """
-    unshifted = (m >= -_LOG_2) & (m <= -math.log(torch.finfo(m.dtype).tiny))
-    numerator = torch.where(unshifted, torch.exp(-m), 1)
-    scale = torch.where(m == math.inf, 1, numerator / (top + rest))
-    scale = torch.where(lse == -math.inf, 0, scale)
-    scale = torch.where(lse.isnan(), math.nan, scale)
-    shift = torch.where(unshifted, 0, torch.where(m.isfinite(), m, math.inf))
-    return shift, scale
+    denominator = torch.where(m == math.inf, 1, top + rest)
+    denominator = torch.where(lse == -math.inf, math.inf, denominator)
+    denominator = torch.where(lse.isnan(), math.nan, denominator)
+    shift = torch.where(m.isfinite(), m, math.inf)
+    return shift, denominator
 
 
 def _reduced_shape(shape: torch.Size, dims: tuple[int, ...], keepdim: bool) -> tuple[int, ...]:
@@ -339,7 +442,7 @@ def logsumexp(
     weights : Tensor, optional
         Factors ``b`` in ``log(sum(b * exp(x)))``, broadcastable to ``x``; they may be
         zero or negative. As in SciPy, an entry with zero weight is ignored even when it
-        is inf or NaN. Cast to the compute dtype of ``x``.
+        is inf or NaN. Cast to the dtype ``x`` is computed in (float64 for float32).
     return_sign : bool, default False
         Return ``(log|s|, sign(s))`` with the sign in ``{-1, 0, +1}`` (NaN where the
         result is NaN). Without it a negative sum gives NaN, as in SciPy.
@@ -353,22 +456,36 @@ def logsumexp(
 
     Notes
     -----
-    Accuracy: within 2 ulp of the exact result unless the max and ``log|top + rest|``
-    cancel (a result near 0 from a negative max), where any working-precision method has
-    an error of an ulp of ``|m|``. float16/bfloat16 are computed in float32 and rounded
-    once: one of the two neighbours of the exact value.
+    Accuracy: float32 input is computed in float64 and rounded once, so the result is
+    within half an ulp (plus ``2**-29`` ulp per unit of the condition number
+    ``|m| / |result|``), even where the max and ``log|top + rest|`` cancel (a result near
+    0 from a max in ``[-log n, 0]``), which costs PyTorch tens of ulps. float16/bfloat16
+    are computed in float32: one of the two neighbours of the exact value. float64 is
+    within 2 ulp of the exact result except in that cancellation, where the error is up
+    to about half an ulp of ``log|top + rest|``: what rounding that logarithm (or any
+    ``exp``) to float64 costs by itself, so every float64 method without an
+    extended-precision ``exp`` and ``log`` shares it.
 
     Gradient: ``d out / d x_i = w_i * exp(x_i - m) / (top + rest)`` (the weighted softmax,
     0 at -inf entries) and ``d out / d w_i = exp(x_i - m) / (top + rest)``, shifted by
-    the exact max rather than by the rounded result; within 4 ulp where ``x_i - m`` is
-    exact or the max is in ``[-log 2, -log(tiny)]``, and ``(|x_i - m| / 2 + 4)`` ulp
-    otherwise (PyTorch adds ``|out|`` ulp to that). Where the result is +inf the gradient
-    is NaN at the +inf entries and 0 elsewhere, as in PyTorch: the function has no
-    derivative there.
+    the exact max rather than by the rounded result, whose rounding error (``|out|`` ulp)
+    PyTorch's gradient carries. float32 without weights: the forward pass keeps the
+    softmax, rounded once from float64 (the float64 difference ``x_i - m`` is exact), and
+    the backward pass multiplies it by the incoming gradient: within half an ulp, one ulp
+    for a subnormal result or an incoming gradient other than a power of 2; with weights,
+    within half an ulp (recomputed in float64). float64: within 4 ulp, the rounding error
+    of ``x_i - m`` (``|x_i - m| / 2`` ulp, hundreds of ulps at ``|x_i - m| ~ 700``) being
+    recovered exactly and fed back in. Where the result is +inf the gradient is NaN at
+    the +inf entries and 0 elsewhere, as in PyTorch: the function has no derivative
+    there.
 
-    Speed: about PyTorch's on CPU (one shared scratch buffer instead of fresh temporaries)
-    and on CUDA in float32; a CUDA bfloat16/float16 input costs about 2x PyTorch's
-    time, which rounds every term to the input dtype instead of keeping float32.
+    Speed and memory: on CPU the rows are processed in blocks sharing one workspace.
+    float32 without weights costs one float64 ``exp`` per element, about PyTorch's time
+    (see ``benchmarks/ops.py``), and keeps one more tensor like ``x`` (the softmax) from
+    the forward to the backward pass when ``x`` requires a gradient; other inputs
+    recompute the exponentials in the backward pass. On CUDA the float64 workspace of a
+    float32 input doubles the bytes of the forward pass's temporaries; blocks bound it to
+    1 GiB.
 
     Raises
     ------
@@ -422,7 +539,13 @@ def logmeanexp(
     the result is ``m + log(S / n)``; when ``S > n / 2`` (entries close to a tie) it is
     ``m + log1p(sum(expm1(x - m)) / n)``, which keeps the digits that ``S - n`` (and
     ``logsumexp(x) - log(n)``) cancel: a slice of equal values ``c`` gives exactly ``c``.
-    This costs one more pass over ``x`` than :func:`logsumexp`.
+    This costs one ``expm1`` per element more than :func:`logsumexp`.
+
+    Accuracy and dtypes as for :func:`logsumexp`: float32 is computed in float64 and
+    rounded once (within half an ulp, where ``torch.logsumexp(x) - log(n)`` is tens of
+    ulps off near 0); float64 is within 2 ulp except where ``m`` and ``log(S / n)``
+    cancel (a result near 0 from a max in ``[0, log n]``), where rounding ``log(S / n)``
+    to float64 costs up to half an ulp of that logarithm.
 
     Parameters
     ----------
@@ -464,8 +587,9 @@ def logmeanexp(
 
 
 def _common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The result dtype of ``(a, b)`` and the dtype to compute in (see _work_dtype)."""
     result = torch.result_type(a, b)
-    return result, compute_dtype(result)
+    return result, _work_dtype(result, a.device)
 
 
 def _exact_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,12 +643,17 @@ def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(exp(a) + exp(b))``, elementwise with broadcasting.
 
     Computed as ``max(a, b) + log1p(exp(-|a - b|))``, like :func:`torch.logaddexp`,
-    whose values it matches in the same edge cases. The difference is in the gradient:
-    where both arguments are -inf the result is -inf with zero gradients (PyTorch gives
-    NaN), where both are +inf each gets 1/2, and the weights ``sigmoid(±(a - b))`` are
-    both computed from ``exp(-|a - b|)`` with the rounding error of ``a - b`` fed back
-    in, so the smaller one keeps its digits far into the tail (within 4 ulp, where
-    forming ``a - b`` alone costs ``|a - b| / 2`` ulp).
+    whose values it matches in the edge cases. float32 is computed in float64 and rounded
+    once: within half an ulp, also near 0 (both arguments in ``(-log 2, 0)``), where the
+    two terms cancel and the float32 formula is off by up to tens of ulps. float64 is
+    within 2 ulp except in that cancellation, where rounding ``log1p(exp(-|a - b|))`` to
+    float64 costs up to half an ulp of it, as for any float64 method.
+
+    The gradient differs from PyTorch's: where both arguments are -inf the result is
+    -inf with zero gradients (PyTorch gives NaN), where both are +inf each gets 1/2, and
+    the weights ``sigmoid(±(a - b))`` are both computed from ``exp(-|a - b|)`` with the
+    rounding error of ``a - b`` fed back in, so the smaller one keeps its digits far into
+    the tail (within 4 ulp, where forming ``a - b`` alone costs ``|a - b| / 2`` ulp).
 
     Parameters
     ----------
@@ -534,7 +663,8 @@ def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     Tensor
-        In ``torch.result_type(a, b)``; float16/bfloat16 are computed in float32.
+        In ``torch.result_type(a, b)``; float16/bfloat16 are computed in float32,
+        float32 in float64.
 
     Raises
     ------
@@ -670,7 +800,13 @@ class _LogSubExp(torch.autograd.Function):
 def logsubexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(exp(a) - exp(b))`` for ``a >= b``, elementwise with broadcasting.
 
-    Computed as ``a + log1mexp(b - a)``, so it is as accurate as :func:`log1mexp`.
+    Computed as ``a + log1mexp(b - a)``. The two terms cancel where the result is near
+    0: ``a`` in ``(0, log 2)`` with ``b`` below it, or ``a`` of any size with ``b`` a tiny
+    gap ``g = a - b`` below it and ``a ~ -log(g)`` (float32 ``a = 12.48``, ``g = 4e-6``).
+    float32 is therefore computed in float64 and rounded once: within half an ulp
+    everywhere. float64 is within 2 ulp except in that cancellation, where rounding
+    ``log1mexp(b - a)`` to float64 costs up to half an ulp of it, as for any float64
+    method. float16/bfloat16 are computed in float32.
 
     Parameters
     ----------
