@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from finite._checks import compute_dtype, normalize_dims, require_float_tensor
+from finite.ops._rows import Scratch, as_rows, from_rows, kept_shape, row_blocks
+from finite.ops.activations import softplus
 
 __all__ = ["log1mexp", "log1pexp", "logaddexp", "logmeanexp", "logsubexp", "logsumexp"]
 
@@ -66,53 +68,33 @@ def _work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------------------
 
 
-def _as_rows(t: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """View ``t`` as (kept elements, reduced elements), the reduced dims moved last.
-
-    Returns the 2-d tensor (a view whenever the layout allows) and the permutation used.
-    """
-    if t.ndim == 0:
-        return t.reshape(1, 1), ()
-    kept = tuple(d for d in range(t.ndim) if d not in dims)
-    perm = kept + dims
-    rows = math.prod(t.shape[d] for d in kept)
-    cols = math.prod(t.shape[d] for d in dims)
-    return t.permute(perm).reshape(rows, cols), perm
-
-
-def _from_rows(t2: torch.Tensor, shape: torch.Size, perm: tuple[int, ...]) -> torch.Tensor:
-    """Undo :func:`_as_rows` for a tensor of ``shape`` viewed as its 2-d ``t2``."""
-    if len(shape) == 0:
-        return t2.reshape(())
-    moved_shape = tuple(shape[d] for d in perm)
-    inverse = sorted(range(len(perm)), key=perm.__getitem__)
-    return t2.reshape(moved_shape).permute(inverse)
+def _row_blocks(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> list[slice]:
+    """Row slices whose workspace (in ``dtype``) fits one block's budget; at least one,
+    so that an input without rows still gives (empty) per-row results."""
+    blocks = row_blocks(
+        rows,
+        cols,
+        device,
+        cpu_elements=_CPU_BLOCK_ELEMENTS,
+        cuda_elements=_CUDA_BLOCK_BYTES // dtype.itemsize,
+    )
+    return blocks or [slice(0, 0)]
 
 
-def _row_blocks(x2: torch.Tensor, dtype: torch.dtype) -> list[slice]:
-    """Row slices of ``x2`` whose workspace (in ``dtype``) fits one block's budget."""
-    rows, cols = x2.shape
-    if torch.compiler.is_compiling():
-        return [slice(0, rows)]
-    if x2.device.type == "cpu":
-        step = max(1, _CPU_BLOCK_ELEMENTS // max(cols, 1))
-    else:
-        step = max(1, _CUDA_BLOCK_BYTES // max(cols * dtype.itemsize, 1))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)] or [slice(0, 0)]
+def _scratch(
+    blocks: list[slice], cols: int, dtype: torch.dtype, device: torch.device
+) -> Scratch | None:
+    """Reusable buffers for the blocks, or None when a single block lets the allocator
+    hand out the temporaries (on CUDA its caching allocator makes that free)."""
+    return Scratch(blocks, cols, dtype, device) if len(blocks) > 1 else None
 
 
-def _scratch(x2: torch.Tensor, blocks: list[slice], dtype: torch.dtype) -> torch.Tensor | None:
-    """One reusable buffer for the blocks, or None when a single block lets the allocator
-    hand out the temporary (on CUDA its caching allocator makes that free)."""
-    if len(blocks) <= 1:
-        return None
-    rows = blocks[0].stop - blocks[0].start
-    return torch.empty(rows, x2.shape[1], dtype=dtype, device=x2.device)
+def _buffer(scratch: Scratch | None, name: str, rows: int) -> torch.Tensor | None:
+    return None if scratch is None else scratch.get(name, rows)
 
 
-def _shifted(xb: torch.Tensor, shift: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
-    """``xb - shift`` in the dtype of ``shift``, written into ``scratch`` if given."""
-    out = None if scratch is None else scratch[: xb.shape[0]]
+def _shifted(xb: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``xb - shift`` in the dtype of ``shift``, written into ``out`` if given."""
     if xb.dtype == shift.dtype or xb.device.type != "cpu":
         # On CUDA a mixed-dtype sub converts in the kernel, without a widened copy of xb.
         return torch.sub(xb, shift) if out is None else torch.sub(xb, shift, out=out)
@@ -123,16 +105,17 @@ def _shifted(xb: torch.Tensor, shift: torch.Tensor, scratch: torch.Tensor | None
 
 
 def _difference_error(
-    xb: torch.Tensor, shift: torch.Tensor, d: torch.Tensor, scratch: list[torch.Tensor | None]
+    xb: torch.Tensor, shift: torch.Tensor, d: torch.Tensor, scratch: Scratch | None
 ) -> torch.Tensor:
     """``e`` with ``xb - shift = d + e`` exactly, ``d`` being the rounded difference.
 
     Knuth's TwoSum of ``xb`` and ``-shift``: it needs no ordering of the two, and both
-    orders occur in a row. ``scratch`` holds two buffers (or Nones) for the work. Where
-    ``d`` is not finite the error is 0.
+    orders occur in a row. ``scratch`` (or None) holds the two buffers for the work.
+    Where ``d`` is not finite the error is 0.
     """
     rows = xb.shape[0]
-    first, second = (None if buf is None else buf[:rows] for buf in scratch)
+    first = _buffer(scratch, "twosum", rows)
+    second = _buffer(scratch, "error", rows)
     virtual_b = torch.sub(d, xb, out=first) if first is not None else torch.sub(d, xb)
     error = torch.sub(d, virtual_b, out=second) if second is not None else d - virtual_b
     torch.sub(xb, error, out=error)  # what rounding took from xb ...
@@ -158,9 +141,8 @@ def _split_sums(
     ``rest`` that ``log(1 + rest)`` would round away. ``excess`` is ``top + rest - n``
     without the cancellation (see :func:`_log_mean_exp`).
     """
-    blocks = _row_blocks(x2, dtype)
-    scratch = _scratch(x2, blocks, dtype)
-    second_scratch = _scratch(x2, blocks, dtype) if mean or probs is not None else None
+    blocks = _row_blocks(*x2.shape, dtype, x2.device)
+    scratch = _scratch(blocks, x2.shape[1], dtype, x2.device)
     # Two ways to take the maxima out of the sum, both exact. On CPU, max() with indices
     # is a scalar loop, several times slower than amax() plus the two extra (cached) passes
     # of frac(); on GPU those passes cost more than the indices.
@@ -168,7 +150,7 @@ def _split_sums(
     maxima, tops, rests, excesses = [], [], [], []
     for block in blocks:
         xb = x2[block]
-        second = None if second_scratch is None else second_scratch[: xb.shape[0]]
+        second = _buffer(scratch, "second", xb.shape[0]) if mean or probs is not None else None
         if by_index:
             mb, at_max = xb.max(dim=-1, keepdim=True)
         else:
@@ -181,7 +163,7 @@ def _split_sums(
         # A non-finite max would make x - m NaN (inf - inf). In a +inf row, the largest
         # finite shift keeps exp() at inf for the +inf entries and 0 for the others.
         shift = torch.nan_to_num(mb, nan=0.0, neginf=0.0)  # +inf -> the largest float
-        terms = _shifted(xb, shift, scratch)
+        terms = _shifted(xb, shift, _buffer(scratch, "terms", xb.shape[0]))
         if mean:
             excess = torch.expm1(terms) if second is None else torch.expm1(terms, out=second)
             excesses.append(excess.sum(dim=-1, keepdim=True))
@@ -276,11 +258,11 @@ class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, dims, keepdim, mean, return_sign):
         dtype = _work_dtype(x.dtype, x.device)
-        x2, _ = _as_rows(x, dims)
+        x2 = as_rows(x, dims)
         rows, cols = x2.shape
         w2 = None
         if weights is not None:
-            w2, _ = _as_rows(weights.to(dtype).expand(x.shape), dims)
+            w2 = as_rows(weights.to(dtype).expand(x.shape), dims)
         # A float32 input computed in float64 keeps its softmax, rounded once to float32,
         # for the backward pass: one float64 exp per element instead of two, and no
         # float64 workspace in the backward pass, for the memory of one more tensor like
@@ -305,7 +287,7 @@ class _LogSumExp(torch.autograd.Function):
         # backward pass (retain_graph=True) recomputes it from x.
         ctx.probs = probs
         ctx.save_for_backward(x, weights, shift, denominator)
-        out_shape = _reduced_shape(x.shape, dims, keepdim)
+        out_shape = kept_shape(x.shape, dims, keepdim)
         value = value.to(x.dtype).reshape(out_shape)
         sign = sign.to(x.dtype).reshape(out_shape)
         ctx.mark_non_differentiable(sign)
@@ -314,7 +296,7 @@ class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, grad_sign):
         x, weights, shift, denominator = ctx.saved_tensors
-        x2, perm = _as_rows(x, ctx.dims)
+        x2 = as_rows(x, ctx.dims)
         probs, ctx.probs = ctx.probs, None
         if probs is not None:
             # probs * 2**-64 * grad in two products, the first rounded once, the second by
@@ -323,27 +305,27 @@ class _LogSumExp(torch.autograd.Function):
             large = grad.abs() >= 1
             scale = 2.0**-_PROBS_EXPONENT
             probs.mul_(torch.where(large, grad * scale, grad)).mul_(torch.where(large, 1, scale))
-            return _from_rows(probs, x.shape, perm), None, None, None, None, None
+            return from_rows(probs, x.shape, ctx.dims), None, None, None, None, None
         need_x, need_w = ctx.needs_input_grad[:2]
         dtype = shift.dtype
         upstream = grad_value.to(dtype).reshape(-1, 1) / denominator
         w2 = None
         if weights is not None:
-            w2, _ = _as_rows(weights.to(dtype).expand(x.shape), ctx.dims)
+            w2 = as_rows(weights.to(dtype).expand(x.shape), ctx.dims)
         grad_x2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_x else None
         grad_w2 = torch.empty(x2.shape, dtype=dtype, device=x.device) if need_w else None
-        blocks = _row_blocks(x2, dtype)
+        blocks = _row_blocks(*x2.shape, dtype, x.device)
+        scratch = _scratch(blocks, x2.shape[1], dtype, x.device)
         # In a wider work dtype x - m is exact (to far below the output's ulp); in the
         # input's own dtype its rounding error is fed back in (see _gradient_factors).
         native = x.dtype == dtype
-        error_scratch = [_scratch(x2, blocks, dtype) for _ in range(2)] if native else []
         # Without weights and in the compute dtype, the gradient buffer is the workspace.
         in_place = w2 is None and native
-        scratch = None if in_place else _scratch(x2, blocks, dtype)
         for block in blocks:
             xb = x2[block]
-            d = _shifted(xb, shift[block], grad_x2[block] if in_place else scratch)
-            error = _difference_error(xb, shift[block], d, error_scratch) if native else None
+            out = grad_x2[block] if in_place else _buffer(scratch, "terms", xb.shape[0])
+            d = _shifted(xb, shift[block], out)
+            error = _difference_error(xb, shift[block], d, scratch) if native else None
             weight = d.exp_()
             if error is not None:
                 weight.addcmul_(weight, error)  # exp(d + e) = exp(d) * (1 + e) + O(e**2)
@@ -357,10 +339,10 @@ class _LogSumExp(torch.autograd.Function):
                 grad_w2[block] = weight
             if need_x:
                 grad_x2[block] = torch.where(wb == 0, 0, weight * wb)
-        grad_x = _from_rows(grad_x2, x.shape, perm) if need_x else None
+        grad_x = from_rows(grad_x2, x.shape, ctx.dims) if need_x else None
         grad_w = None
         if need_w:
-            grad_w = _from_rows(grad_w2, x.shape, perm).sum_to_size(weights.shape)
+            grad_w = from_rows(grad_w2, x.shape, ctx.dims).sum_to_size(weights.shape)
             grad_w = grad_w.to(weights.dtype)
         return grad_x, grad_w, None, None, None, None
 
@@ -390,12 +372,6 @@ def _gradient_factors(
     denominator = torch.where(lse.isnan(), math.nan, denominator)
     shift = torch.where(m.isfinite(), m, math.inf)
     return shift, denominator
-
-
-def _reduced_shape(shape: torch.Size, dims: tuple[int, ...], keepdim: bool) -> tuple[int, ...]:
-    if keepdim:
-        return tuple(1 if d in dims else n for d, n in enumerate(shape))
-    return tuple(n for d, n in enumerate(shape) if d not in dims)
 
 
 def _check_reduction_args(
@@ -843,42 +819,6 @@ def logsubexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _LogSubExp.apply(a, b)
 
 
-def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """``1 / (1 + exp(-x))`` without overflow, accurate in both tails.
-
-    With ``e = exp(-|x|) <= 1``: ``1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` below,
-    so the small tail is a quotient of accurate terms (down to subnormals) rather than
-    the rounding residue ``1 - sigmoid(|x|)``.
-    """
-    small = torch.exp(-x.abs())
-    return torch.where(x >= 0, 1, small) / (1 + small)
-
-
-class _Softplus(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, beta):
-        xc = x.to(compute_dtype(x.dtype))
-        # Exact identity: log(1 + e^t) = max(t, 0) + log1p(exp(-|t|)). Dividing by beta
-        # before adding max(x, 0) means beta * x never overflows.
-        small = torch.exp(-beta * xc.abs())
-        # log1p(e) = e * (1 - e / 2 + ...): below eps / 4 it is e to within 1/8 ulp, and
-        # taking e avoids log1p's misrounding of subnormal arguments (Mächler's region
-        # x < log(eps): -37.4 in float64, -17.3 in float32).
-        tail = torch.where(small < torch.finfo(xc.dtype).eps / 4, small, torch.log1p(small))
-        if beta != 1.0:
-            tail = tail / beta
-        ctx.beta = beta
-        ctx.save_for_backward(x)
-        return (xc.clamp_min(0) + tail).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        xc = x.to(compute_dtype(x.dtype))
-        scaled = xc if ctx.beta == 1.0 else ctx.beta * xc
-        return (grad.to(xc.dtype) * _sigmoid(scaled)).to(x.dtype), None
-
-
 def log1pexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 + exp(x))`` (softplus), accurate for every ``x`` in every float dtype.
 
@@ -923,4 +863,4 @@ def log1pexp(x: torch.Tensor) -> torch.Tensor:
     ----------
     Mächler (2012), "Accurately Computing log(1 - exp(-|a|))", section on log1pexp.
     """
-    return _Softplus.apply(require_float_tensor(x, "x"), 1.0)
+    return softplus(x)
