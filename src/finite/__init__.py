@@ -18,9 +18,18 @@ from finite.clipping import (
     clip_grad_value_,
     total_norm,
 )
+from finite.diagnosis import (
+    Evidence,
+    Finding,
+    PrecisionReport,
+    compare_precision,
+    diagnose,
+    print_findings,
+)
 from finite.formats import FORMATS, CastReport, FloatFormat, cast_report, get_format, round_to
 from finite.monitor import History, Monitor, NonfiniteEvent, OpLocation, locate
 from finite.precision import CompensatedOptimizer, MasterWeights, compensated
+from finite.report import write_report
 from finite.scaling import LossScaler, NonFiniteGradient, OverflowReport, ScalerConfig, ScaleRecord
 
 __all__ = [
@@ -30,6 +39,8 @@ __all__ = [
     "CastReport",
     "ClipResult",
     "CompensatedOptimizer",
+    "Evidence",
+    "Finding",
     "FloatFormat",
     "History",
     "LossScaler",
@@ -39,6 +50,7 @@ __all__ = [
     "NonfiniteEvent",
     "OpLocation",
     "OverflowReport",
+    "PrecisionReport",
     "ScaleRecord",
     "ScalerConfig",
     "SpikeGuard",
@@ -48,10 +60,14 @@ __all__ = [
     "cast_report",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "compare_precision",
     "compensated",
+    "diagnose",
     "get_format",
     "locate",
     "ops",
+    "print_findings",
     "round_to",
     "total_norm",
+    "write_report",
 ]

@@ -417,6 +417,21 @@ class Monitor:
         return list(self._history.events)
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The model being watched."""
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose steps end the monitor's steps, if one was given."""
+        return self._optimizer
+
+    @property
+    def scaler(self) -> Any:
+        """The loss scaler whose scale the statistics are corrected for, if one was given."""
+        return self._scaler
+
+    @property
     def format(self) -> FloatFormat | None:
         """The format statistics are measured against; None until the first forward pass
         when ``precision`` was not given."""
