@@ -426,6 +426,45 @@ def test_softmax_rows_sum_to_one_or_zero_when_empty(case):
     assert ((totals[~empty] - 1).abs() <= tol).all()
 
 
+@st.composite
+def offset_rows(draw):
+    """float32 rows around an offset of up to 1e6 in magnitude, at a spread from
+    near-uniform to confident, optionally with one confident row among them."""
+    rows, cols = draw(st.integers(1, 4)), draw(st.integers(2, 16))
+    offset = draw(st.one_of(st.floats(-6000, 6000), st.floats(-1e6, 1e6)))
+    scale = draw(st.floats(0.01, 12))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = offset + scale * torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    if draw(st.booleans()):
+        x = torch.cat([x, torch.tensor([[offset] + [offset - 40.0] * (cols - 1)])])
+    return x.float()
+
+
+@settings(max_examples=40, deadline=None)
+@given(offset_rows())
+def test_float32_log_softmax_is_within_one_ulp_at_any_offset_and_spread(x):
+    errors = ulp_errors(log_softmax(x, -1), mp_reference(log_softmax, x), torch.float32)
+    assert errors.max() <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(offset_rows(), st.integers(0, 2**31))
+def test_float32_log_softmax_gradient_is_within_the_ulp_target_at_any_offset(x, seed):
+    upstream = one_hot_upstream(x, seed)
+    grad = gradient_of(log_softmax, x, upstream)
+    assert ulp_errors(grad, mp_gradient(log_softmax, x, upstream), torch.float32).max() <= 4.0
+
+
+def test_float32_log_softmax_gradient_at_a_near_certain_class_keeps_its_digits():
+    # Upstream 1 at a class of probability about 1 - 2**-24, beside a spread row:
+    # 1 - p must come out of a p accurate to far better than 2**-24.
+    x = torch.tensor([[4000.0, 4000 - 24 * math.log(2.0)], [4000.5, 3999.75]])
+    upstream = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    grad = gradient_of(log_softmax, x, upstream)
+    exact = mp_gradient(log_softmax, x, upstream)
+    assert ulp_errors(grad, exact, torch.float32).max() <= 4.0
+
+
 # --------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------

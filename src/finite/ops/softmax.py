@@ -33,6 +33,15 @@ What is done here
   computed from an output already rounded to the input dtype. The saved tensor is the
   input instead of the output: the same number of bytes.
 
+* float32 log-softmax on CPU skips the exact ``x - m`` where it is not needed (checked
+  per block, which costs no synchronisation there): with every row maximum within
+  ``2**12`` and every row total at least ``1 + 2**-8``, the terms are
+  ``exp2(x * log2(e) - m * log2(e))`` (one pass), the normaliser is ``log(total)`` and
+  the result ``x - (m + log_norm)``; each rounding is then below ``2**-30`` of the
+  result, as no log-probability is nearer 0 than ``-2**-8``. The gradient folds its
+  shift the same way where no probability is near 1. Elsewhere, on CUDA and under
+  compilation the exact steps above run.
+
 On CPU the rows are processed in blocks whose wide scratch buffers stay in cache and are
 reused, so no full-size temporary is allocated (a fresh 512 MiB buffer costs more in page
 faults than the arithmetic done in it).
@@ -65,6 +74,14 @@ _CPU_BLOCK_ELEMENTS = 1 << 20
 _CUDA_BLOCK_ELEMENTS = 1 << 24
 _LOG2_E = math.log2(math.e)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# A row total (float64) at least this large is far enough above its count of maxima for
+# log(total) to keep the digits of the rest (see _log_normaliser).
+_PLAIN_LOG_TOTAL = 1 + 2.0**-8
+# Row shifts (float64) within this bound let x * log2(e) - shift * log2(e) take the
+# place of the exact x - shift in the forward pass (see _folded_log_normaliser).
+_FOLDED_SHIFT_BOUND = 2.0**12
+# The gradient takes that place too where no probability is near 1 (log_norm >= this).
+_FOLDED_MIN_LOG_NORM = 2.0**-8
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,20 +199,64 @@ def _exp(d: torch.Tensor, error: torch.Tensor | None, out: torch.Tensor) -> torc
     return out.addcmul_(out, error)
 
 
-def _log_normaliser(terms: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def _log_normaliser(
+    terms: torch.Tensor, m: torch.Tensor, *, plain_log: bool = False
+) -> torch.Tensor:
     """``log(sum(exp(x - m)))`` per row, float64, from the terms ``exp(x - m)``.
 
     The terms are at most 1, exactly 1 at the maxima (``exp(0)``), so ``trunc`` counts the
     maxima (``top``) and ``frac`` keeps the rest: ``log(top) + log1p(rest / top)`` keeps
     the digits of a ``rest`` far below 1. Consumes ``terms``. An all -inf row gives
     +inf, a NaN row NaN.
+
+    ``plain_log`` (float64 terms of float32 input): where every row total is at least
+    ``1 + 2**-8`` (checked on CPU), ``log(total)`` instead. Its rounding, about
+    ``2**-50`` relative (pairwise summation), grows by at most ``2**8`` in ``log_norm``
+    (``total / log(total) / log_norm``), far below a float32 ulp; and it does not need
+    the maxima's terms to be exactly 1.
     """
     # Summed in the wide dtype: float64 for float32 input; float32 sums of float16/
     # bfloat16 terms err by a few float32 ulp, 2**-14 of theirs.
     total = terms.sum(dim=-1, keepdim=True).double()
+    if plain_log and _all_at_least(total, _PLAIN_LOG_TOTAL):
+        # No all -inf or NaN row is left to settle: their totals are 0 and NaN.
+        return torch.log(total)
     rest = terms.frac_().sum(dim=-1, keepdim=True).double()
     top = torch.round(total - rest)
     return _settle_rows(torch.log(top) + torch.log1p(rest / top), m)
+
+
+def _all_at_least(values: torch.Tensor, bound: float) -> bool:
+    """Whether every one of ``values`` is ``>= bound`` (NaN is not): checked on CPU,
+    where reading a tensor costs no synchronisation; assumed not elsewhere and under
+    compilation."""
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool((values >= bound).all())
+
+
+def _all_within(values: torch.Tensor, bound: float, wide_dtype: torch.dtype) -> bool:
+    """Whether every one of ``values`` has ``|value| <= bound``, for float64 wide
+    values only (float32 input); CPU only, as :func:`_all_at_least`."""
+    return wide_dtype == torch.float64 and _all_at_least(-values.abs(), -bound)
+
+
+def _folded_log_normaliser(wide: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
+    """``log(sum(exp(x - shift)))`` per row from ``exp2(x * log2(e) - shift * log2(e))``
+    in place of a float64 copy (consumed), or None where some row total is below
+    ``1 + 2**-8`` (the caller then takes the exact path).
+
+    With ``|shift| <= 2**12`` the exponent errs by about ``(|x| + |shift|) * 2**-52``
+    for every term that is not 0, a relative error below ``2**-38``. The maxima's terms
+    need not be exactly 1 (the multiply-add may be fused): :func:`_log_normaliser`'s
+    plain ``log(total)`` is used only.
+    """
+    offset = shift * -_LOG2_E
+    terms = torch.add(offset, wide, alpha=_LOG2_E, out=wide).exp2_()
+    total = terms.sum(dim=-1, keepdim=True)
+    if not _all_at_least(total, _PLAIN_LOG_TOTAL):
+        return None
+    return torch.log(total)
 
 
 def _settle_rows(log_norm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -223,12 +284,14 @@ def _may_reach(values: torch.Tensor, bound: float) -> bool:
     return bool((values >= bound).any())
 
 
-def _clamped_max(wide: torch.Tensor) -> torch.Tensor:
+def _clamped_max(wide: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
     """Row maxima of a wide copy whose +inf entries are first lowered to the largest
     finite wide value: still above every finite input value, so the +inf entries of a
-    row share it (``x - m = 0`` there) and ``inf - inf`` never arises."""
-    m = wide.amax(dim=-1, keepdim=True)
-    return _clamp_infinities(wide, m)
+    row share it (``x - m = 0`` there) and ``inf - inf`` never arises. ``source``, the
+    narrow block ``wide`` was copied from (unmasked), gives the same maxima reading
+    half the bytes."""
+    m = (wide if source is None else source).amax(dim=-1, keepdim=True)
+    return _clamp_infinities(wide, m.to(wide.dtype))
 
 
 def _clamp_infinities(wide: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -268,6 +331,30 @@ def _wide_log_probabilities(
     """
     wide.sub_(shift)
     return torch.add(-log_norm * _LOG2_E, wide, alpha=_LOG2_E, out=wide).exp2_()
+
+
+def _foldable_gradient(wide: torch.Tensor, shift: torch.Tensor, log_norm: torch.Tensor) -> bool:
+    """Whether :func:`_folded_log_probabilities` may replace
+    :func:`_wide_log_probabilities` (float32 input, CPU): every ``|shift| <= 2**12``
+    and every ``log_norm >= 2**-8``, so that no probability is within ``2**-9`` of 1."""
+    return _all_within(shift, _FOLDED_SHIFT_BOUND, wide.dtype) and _all_at_least(
+        log_norm, _FOLDED_MIN_LOG_NORM
+    )
+
+
+def _folded_log_probabilities(
+    wide: torch.Tensor, shift: torch.Tensor, log_norm: torch.Tensor
+) -> torch.Tensor:
+    """``exp2(x * log2(e) - (shift + log_norm) * log2(e))`` in place of a float64 copy,
+    one pass fewer than :func:`_wide_log_probabilities`.
+
+    Under :func:`_foldable_gradient`'s bounds the exponent errs by about
+    ``(|x| + |shift|) * 2**-52``, below ``2**-37`` for every probability that is not 0:
+    a relative error far below a float32 ulp. It is not exact at the maxima, hence the
+    bound on ``log_norm``: ``g - p * sum(g)`` with ``p`` near 1 would keep the error.
+    """
+    offset = (shift + log_norm).mul_(-_LOG2_E)
+    return torch.add(offset, wide, alpha=_LOG2_E, out=wide).exp2_()
 
 
 # --------------------------------------------------------------------------------------
@@ -536,13 +623,28 @@ class _LogSoftmax(torch.autograd.Function):
                 _store(d.sub_(log_norm).add_(error), out[block])
                 stats.append(torch.cat([_shift(m), *_row_totals(top, rest_hi, rest_lo, m)], 1))
             else:
-                m = _clamped_max(wide)
-                d = wide.sub_(_shift(m))
-                terms = _exp(d, None, out=scratch.get("terms", wide.shape[0]))
-                log_norm = _log_normaliser(terms, m).to(d.dtype)
-                # d is exact and the one rounding of d - log_norm is in the wide dtype.
-                _store(d.sub_(log_norm), out[block])
-                stats.append(torch.cat([_shift(m), log_norm], 1))
+                xb, mask_b = x2[block], _block_mask(mask2, block)
+                m = _clamped_max(wide, xb if mask_b is None else None)
+                shift = _shift(m)
+                log_norm = None
+                if _all_within(shift, _FOLDED_SHIFT_BOUND, wide.dtype):
+                    log_norm = _folded_log_normaliser(wide, shift)
+                    if log_norm is None:
+                        # Consumed; such rows hold no +inf entry to clamp again.
+                        wide = _load(xb, mask_b, scratch)
+                if log_norm is None:
+                    d = wide.sub_(shift)
+                    terms = _exp(d, None, out=scratch.get("terms", wide.shape[0]))
+                    plain = x2.dtype == torch.float32
+                    log_norm = _log_normaliser(terms, m, plain_log=plain).to(d.dtype)
+                    # d is exact and the one rounding of d - log_norm is in the wide dtype.
+                    _store(d.sub_(log_norm), out[block])
+                else:
+                    # log_norm >= log(1 + 2**-8) and |shift| <= 2**12: rounding
+                    # shift + log_norm costs at most 2**-33 of the result.
+                    wide = _load(xb, mask_b, scratch)
+                    _store(wide.sub_(shift + log_norm), out[block])
+                stats.append(torch.cat([shift, log_norm], 1))
         ctx.save_for_backward(x2, mask2, torch.cat(stats))
         return out
 
@@ -559,6 +661,8 @@ class _LogSoftmax(torch.autograd.Function):
             if x2.dtype == torch.float64:
                 d, error = _shifted(wide, shift, scratch)
                 probs = _double_word_probabilities(torch.exp(d, out=d), error, *normaliser)
+            elif _foldable_gradient(wide, shift, *normaliser):
+                probs = _folded_log_probabilities(wide, shift, *normaliser)
             else:
                 _clamp_infinities(wide, shift)
                 probs = _wide_log_probabilities(wide, shift, *normaliser)
