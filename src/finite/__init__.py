@@ -5,7 +5,7 @@ weight updates, gradient clipping), *detects* them while training runs and
 *diagnoses* them with a symptom, evidence, cause and fix.
 """
 
-from finite import ops
+from finite import memory, ops
 from finite._version import __version__
 from finite.clipping import (
     AGC,
@@ -27,6 +27,15 @@ from finite.diagnosis import (
     print_findings,
 )
 from finite.formats import FORMATS, CastReport, FloatFormat, cast_report, get_format, round_to
+from finite.memory import (
+    ActivationReport,
+    CheckpointPlan,
+    activation_memory,
+    apply_checkpointing,
+    checkpoint_sequential,
+    linear_cross_entropy,
+    plan_checkpointing,
+)
 from finite.monitor import History, Monitor, NonfiniteEvent, OpLocation, locate
 from finite.precision import CompensatedOptimizer, MasterWeights, compensated
 from finite.report import write_report
@@ -35,8 +44,10 @@ from finite.scaling import LossScaler, NonFiniteGradient, OverflowReport, Scaler
 __all__ = [
     "AGC",
     "FORMATS",
+    "ActivationReport",
     "AutoClip",
     "CastReport",
+    "CheckpointPlan",
     "ClipResult",
     "CompensatedOptimizer",
     "Evidence",
@@ -57,15 +68,21 @@ __all__ = [
     "SpikeRecord",
     "ZClip",
     "__version__",
+    "activation_memory",
+    "apply_checkpointing",
     "cast_report",
+    "checkpoint_sequential",
     "clip_grad_norm_",
     "clip_grad_value_",
     "compare_precision",
     "compensated",
     "diagnose",
     "get_format",
+    "linear_cross_entropy",
     "locate",
+    "memory",
     "ops",
+    "plan_checkpointing",
     "print_findings",
     "round_to",
     "total_norm",

@@ -1,0 +1,310 @@
+"""finite.memory.linear_cross_entropy against the materialised logits path.
+
+The reference is ``finite.ops.cross_entropy(hidden @ weight.T + bias, target, ...)``,
+differentiated by autograd through the full logits; float64 also against PyTorch's
+``F.cross_entropy`` where the options overlap.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from finite import ops
+from finite.memory import activation_memory, linear_cross_entropy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, which stalls on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+OPTIONS = list(
+    itertools.product(
+        [0.0, 0.1],  # label_smoothing
+        [0.0, 1e-3],  # z_loss
+        [None, 4.0],  # softcap
+        ["mean", "sum", "none"],
+        [False, True],  # bias
+    )
+)
+
+
+def problem(rows=37, features=16, vocab=50, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, features, generator=g, dtype=torch.float64) * scale
+    weight = torch.randn(vocab, features, generator=g, dtype=torch.float64) / 2
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[::4] = -100
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype), target
+
+
+def loss_and_grads(fn, hidden, weight, bias, target, reduction, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    loss = fn(h, w, target, b, reduction=reduction, **options)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    loss.backward(upstream)
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def ours(h, w, target, b, **options):
+    return linear_cross_entropy(h, w, target, bias=b, **options)
+
+
+def materialised(h, w, target, b, **options):
+    return ops.cross_entropy(h @ w.T + b, target, **options)
+
+
+def ours_no_bias(h, w, target, b, **options):
+    return linear_cross_entropy(h, w, target, **options) + 0 * b.sum()
+
+
+def materialised_no_bias(h, w, target, b, **options):
+    return ops.cross_entropy(h @ w.T, target, **options) + 0 * b.sum()
+
+
+def assert_relative(actual, expected, rtol):
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    error = (actual.double() - expected.double()).abs().max()
+    assert error <= rtol * scale, f"relative error {float(error / scale):.3g} > {rtol}"
+
+
+def compare(dtype, rtol, smoothing, z, cap, reduction, with_bias, chunk_size=8, **kw):
+    hidden, weight, bias, target = problem(dtype=dtype, **kw)
+    options = dict(label_smoothing=smoothing, z_loss=z, softcap=cap)
+    fn, ref = (ours, materialised) if with_bias else (ours_no_bias, materialised_no_bias)
+    loss, grads = loss_and_grads(
+        fn, hidden, weight, bias, target, reduction, chunk_size=chunk_size, **options
+    )
+    ref_loss, ref_grads = loss_and_grads(ref, hidden, weight, bias, target, reduction, **options)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    assert_relative(loss, ref_loss, rtol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == dtype
+        assert_relative(got, want, rtol)
+
+
+@pytest.mark.parametrize(("smoothing", "z", "cap", "reduction", "with_bias"), OPTIONS)
+def test_float32_matches_materialised(smoothing, z, cap, reduction, with_bias):
+    compare(torch.float32, 1e-5, smoothing, z, cap, reduction, with_bias)
+
+
+@pytest.mark.parametrize(("smoothing", "z", "cap", "reduction", "with_bias"), OPTIONS)
+def test_float64_matches_materialised(smoothing, z, cap, reduction, with_bias):
+    compare(torch.float64, 1e-12, smoothing, z, cap, reduction, with_bias)
+
+
+@pytest.mark.parametrize(("smoothing", "z", "cap", "reduction", "with_bias"), OPTIONS[::5])
+def test_bfloat16_within_bfloat16_tolerance(smoothing, z, cap, reduction, with_bias):
+    # Both sides round the logits to bfloat16; the gradients' products round differently
+    # (ours sums float32 block products), so allow a few bfloat16 ulps (2**-8 each).
+    compare(torch.bfloat16, 2e-2, smoothing, z, cap, reduction, with_bias)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_matches_pytorch_cross_entropy(reduction):
+    hidden, weight, bias, target = problem(dtype=torch.float64)
+    loss = linear_cross_entropy(
+        hidden, weight, target, bias=bias, label_smoothing=0.2, reduction=reduction
+    )
+    expected = F.cross_entropy(
+        F.linear(hidden, weight, bias), target, label_smoothing=0.2, reduction=reduction
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000, None])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    compare(torch.float64, 1e-12, 0.1, 1e-3, 4.0, "mean", True, chunk_size=chunk_size)
+
+
+def test_custom_ignore_index():
+    hidden, weight, _, target = problem(dtype=torch.float64)
+    target = torch.where(target == -100, 7, target)
+    loss = linear_cross_entropy(hidden, weight, target, ignore_index=7, chunk_size=4)
+    expected = F.cross_entropy(hidden @ weight.T, target, ignore_index=7)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_gradients():
+    hidden, weight, bias, _ = problem()
+    target = torch.full((hidden.shape[0],), -100)
+    loss, grads = loss_and_grads(ours, hidden, weight, bias, target, "mean", z_loss=1e-2)
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_empty_batch_gives_zero():
+    hidden, weight, bias, target = problem(rows=0)
+    loss, grads = loss_and_grads(ours, hidden, weight, bias, target, "mean")
+    assert loss.item() == 0.0
+    assert grads[0].shape == (0, 16)
+    assert torch.count_nonzero(grads[1]) == 0
+
+
+def test_batch_dimensions_are_flattened_and_restored():
+    hidden, weight, bias, target = problem(rows=24, dtype=torch.float64)
+    h3, t3 = hidden.reshape(2, 3, 4, 16), target.reshape(2, 3, 4)
+    loss = linear_cross_entropy(h3, weight, t3, bias=bias, reduction="none", chunk_size=5)
+    expected = ops.cross_entropy(hidden @ weight.T + bias, target, reduction="none")
+    assert loss.shape == (2, 3, 4)
+    torch.testing.assert_close(loss.reshape(-1), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_large_logits_stay_finite():
+    # Logits of about 1e4: exp would overflow float32 without the shift by the maximum.
+    compare(torch.float32, 1e-5, 0.1, 1e-4, None, "mean", True, scale=3e3)
+
+
+def test_second_backward_through_retained_graph_recomputes():
+    hidden, weight, bias, target = problem(dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(h, weight, target, bias=bias, chunk_size=8)
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 3, h)
+    torch.testing.assert_close(second, 3 * first, rtol=1e-12, atol=0)
+
+
+def test_frozen_hidden_gets_no_gradient():
+    hidden, weight, _, target = problem()
+    w = weight.clone().requires_grad_()
+    linear_cross_entropy(hidden, w, target).backward()
+    expected = torch.autograd.grad(ops.cross_entropy(hidden @ w.T, target), w)[0]
+    assert_relative(w.grad, expected, 1e-5)
+    assert hidden.grad is None
+
+
+def test_no_grad_forward_gives_the_loss():
+    hidden, weight, _, target = problem(dtype=torch.float64)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, target, z_loss=1e-3)
+    expected = ops.cross_entropy(hidden @ weight.T, target, z_loss=1e-3)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_no_tokens_by_vocabulary_tensor_is_saved():
+    rows, features, vocab = 64, 8, 512
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(vocab, features))
+
+        def forward(self, h, t):
+            return linear_cross_entropy(h, self.weight, t, chunk_size=16)
+
+    h = torch.randn(rows, features, requires_grad=True)
+    t = torch.randint(0, vocab, (rows,))
+    report = activation_memory(Head(), h, t)
+    assert max(s.nbytes for s in report.storages) < rows * vocab * 4
+
+
+def test_materialised_path_keeps_the_logits():
+    # The counterpart of the test above, so that its bound can fail.
+    rows, vocab = 64, 512
+    head = nn.Linear(8, vocab, bias=False)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, h, t):
+            return ops.cross_entropy(self.head(h), t)
+
+    report = activation_memory(Head(), torch.randn(rows, 8), torch.randint(0, vocab, (rows,)))
+    assert max(s.nbytes for s in report.storages) >= rows * vocab * 4
+
+
+# --------------------------------------------------------------------------------------
+# random shapes
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 30),
+    features=st.integers(1, 6),
+    vocab=st.integers(1, 20),
+    chunk=st.integers(1, 40),
+    smoothing=st.sampled_from([0.0, 0.3]),
+    cap=st.sampled_from([None, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_materialised(rows, features, vocab, chunk, smoothing, cap, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, features, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, features, generator=g, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    if rows:
+        target[torch.rand(rows, generator=g) < 0.3] = -100
+    options = dict(label_smoothing=smoothing, softcap=cap, z_loss=1e-3)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h1, w1, target, chunk_size=chunk, **options)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = ops.cross_entropy(h2 @ w2.T, target, **options)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+H, W, T = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 4])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(hidden=H.long()), TypeError, "hidden must be a real floating-point"),
+        (dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor, got list"),
+        (dict(target=T.float()), TypeError, "target must hold integer class indices"),
+        (dict(target=T.bool()), TypeError, "target must hold integer class indices"),
+        (dict(weight=torch.randn(5, 4)), ValueError, r"weight must have shape \(V, 3\)"),
+        (dict(weight=W.double()), ValueError, "weight has dtype torch.float64"),
+        (dict(target=T[:3]), ValueError, r"target must have shape \(4,\)"),
+        (dict(target=torch.tensor([0, 1, 2, 5])), ValueError, "class index 5"),
+        (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(5,\)"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a float, got str"),
+        (dict(z_loss=-1.0), ValueError, "z_loss must be a finite float >= 0, got -1.0"),
+        (dict(softcap=0.0), ValueError, "softcap must be a positive finite float, got 0.0"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be >= 1, got 0"),
+        (dict(chunk_size=2.5), TypeError, "chunk_size must be an int or None, got float"),
+        (dict(ignore_index=1.0), TypeError, "ignore_index must be an int, got float"),
+    ],
+)
+def test_bad_input_raises(kwargs, error, message):
+    args = dict(hidden=H, weight=W, target=T)
+    args.update(kwargs)
+    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
+    with pytest.raises(error, match=message):
+        linear_cross_entropy(hidden, weight, target, **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_float64(dtype):
+    hidden, weight, bias, target = problem(rows=300, vocab=1000, dtype=torch.float64)
+    expected, expected_grads = loss_and_grads(materialised, hidden, weight, bias, target, "mean")
+    cuda = [t.cuda().to(dtype) for t in (hidden, weight, bias)]
+    loss, grads = loss_and_grads(ours, *cuda, target.cuda(), "mean", chunk_size=64)
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_relative(loss.cpu(), expected, rtol)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_relative(got.cpu(), want, rtol)
