@@ -40,6 +40,7 @@ from finite.monitor import History, Monitor, NonfiniteEvent, OpLocation, locate
 from finite.precision import CompensatedOptimizer, MasterWeights, compensated
 from finite.report import write_report
 from finite.scaling import LossScaler, NonFiniteGradient, OverflowReport, ScalerConfig, ScaleRecord
+from finite.step import StableStep, StepResult
 
 __all__ = [
     "AGC",
@@ -66,6 +67,8 @@ __all__ = [
     "ScalerConfig",
     "SpikeGuard",
     "SpikeRecord",
+    "StableStep",
+    "StepResult",
     "ZClip",
     "__version__",
     "activation_memory",
