@@ -416,3 +416,25 @@ def test_step_rejects_a_loss_that_is_not_a_scalar():
             monitor.step(torch.ones(2))
         with pytest.raises(TypeError, match="loss must be a tensor"):
             monitor.step("0.5")
+
+
+def test_an_optimizer_over_master_weights_is_monitored_without_update_statistics():
+    import finite
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model.to(torch.bfloat16)
+    master = finite.MasterWeights(model.parameters())
+    optimizer = torch.optim.SGD(master.parameters(), lr=0.1)
+    with finite.Monitor(model, optimizer, sync_every=1) as monitor:
+        for _ in range(3):
+            loss = model(torch.randn(16, 4, dtype=torch.bfloat16)).float().square().mean()
+            loss.backward()
+            master.accumulate_grads_()
+            optimizer.step()
+            master.copy_to_model_()
+            master.zero_grad()
+            monitor.step(loss)
+        steps = monitor.history.steps
+    assert list(steps["step"]) == [0, 1, 2]
+    assert all(torch.isfinite(torch.tensor(steps["loss"])))

@@ -829,8 +829,10 @@ class Monitor:
             self._raise_if_nonfinite()
         trace = self._trace
         trace.activity = True
-        if trace.measured:
-            indices = self._optimizer_params()
+        indices = self._optimizer_params() if trace.measured else []
+        # An optimizer over copies of the weights (finite.MasterWeights) holds none of the
+        # model's parameters: there is no update of the model's weights to measure here.
+        if indices:
             params = [self._params[i][1].detach() for i in indices]
             trace.update_params = indices
             self._before_norms = gradient_norms(params)
