@@ -17,11 +17,14 @@ from finite import cli
 from finite.cli import lab_command
 from finite.lab import (
     SCENARIOS,
+    attention_overflow,
     bf16_swamping,
+    cancellation,
     fp16_underflow,
     get_scenario,
     run_scenario,
     vanishing_sigmoid,
+    zero_variance_norm,
 )
 
 
@@ -124,6 +127,66 @@ def test_pure_bfloat16_rounds_small_updates_away_and_kahan_compensation_keeps_th
     broken = bf16_swamping.train(False).model[0].weight.detach()
     fixed = bf16_swamping.train(True).model[0].weight.detach()
     assert changed_fraction(fixed, initial) > 2 * changed_fraction(broken, initial)
+
+
+def test_unscaled_attention_scores_pass_float16_max_and_scaled_ones_stay_below_it():
+    torch.manual_seed(0)  # the scenario's seed: its model's initial weights
+    model = attention_overflow.SelfAttention(fixed=False)
+    x, _ = attention_overflow.batches(0)
+    q, k, _ = model.qkv(x).detach().double().chunk(3, dim=-1)
+    scores = (q @ k.transpose(-2, -1)).abs().max().item()  # float64: the exact scores
+    fp16_max = torch.finfo(torch.float16).max
+    assert scores > fp16_max
+    assert scores / math.sqrt(attention_overflow.DIM) < fp16_max
+
+
+def test_unscaled_float16_attention_gives_nan_loss_and_finite_memory_attention_does_not():
+    scenario = SCENARIOS["attention-overflow"]
+    assert math.isnan(losses(scenario.train(False))[0])
+    assert np.isfinite(losses(scenario.train(True))).all()
+
+
+def test_constant_feature_has_exactly_zero_variance():
+    x, _ = zero_variance_norm.batches(0)
+    assert np.var(x[:, 0].numpy().astype(np.float64)) == 0.0
+
+
+def test_standardising_without_epsilon_gives_nan_loss_and_with_epsilon_does_not():
+    scenario = SCENARIOS["zero-variance-norm"]
+    assert math.isnan(losses(scenario.train(False))[0])
+    assert np.isfinite(losses(scenario.train(True))).all()
+
+
+def test_float32_sigmoid_rounds_to_one_where_the_first_batch_has_confident_logits():
+    # 1 - 2**-24 is the largest float32 below 1; sigmoid(z) rounds to it or to 1 past z ~ 16.6.
+    assert torch.sigmoid(torch.tensor(17.0)).item() == 1.0
+    torch.manual_seed(0)  # the scenario's seed: its model's initial weights
+    model = torch.nn.Linear(16, 1)
+    x, _ = cancellation.batches(0)
+    logits = 50.0 * x.double() @ model.weight.detach().double().T + model.bias.item()
+    assert (logits > 17).any()
+
+
+def test_log_one_minus_sigmoid_gives_nonfinite_loss_and_log_space_does_not():
+    scenario = SCENARIOS["cancellation"]
+    assert not math.isfinite(losses(scenario.train(False))[0])
+    assert np.isfinite(losses(scenario.train(True))).all()
+
+
+def test_sqrt_derivative_at_zero_times_zero_is_nan():
+    zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    torch.sqrt(zero * zero).backward()  # d sqrt(u)/du = inf at u = 0, du/dx = 0
+    assert math.isnan(zero.grad.item())
+
+
+def test_distance_via_sqrt_gives_nan_gradients_from_a_finite_loss_and_safe_sqrt_does_not():
+    scenario = SCENARIOS["sqrt-at-zero"]
+    broken = scenario.train(False).history.steps
+    fixed = scenario.train(True).history.steps
+    assert math.isfinite(float(broken["loss"][0]))
+    assert int(broken["nonfinite_grads"][0]) > 0
+    assert not any(int(n) for n in fixed["nonfinite_grads"])
+    assert np.isfinite(np.asarray(fixed["loss"], dtype=float)).all()
 
 
 def test_runs_are_deterministic():

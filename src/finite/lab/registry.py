@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from finite.lab import (
+    attention_overflow,
     bf16_swamping,
+    cancellation,
     exploding_rnn,
     fp16_underflow,
     log_of_probabilities,
     lr_too_high,
     softmax_overflow,
+    sqrt_at_zero,
     vanishing_sigmoid,
+    zero_variance_norm,
 )
 from finite.lab._scenario import Scenario
 
@@ -25,6 +29,10 @@ SCENARIOS: dict[str, Scenario] = {
             vanishing_sigmoid,
             lr_too_high,
             bf16_swamping,
+            attention_overflow,
+            zero_variance_norm,
+            cancellation,
+            sqrt_at_zero,
         ),
     )
 }
