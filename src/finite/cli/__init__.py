@@ -16,9 +16,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from finite._version import __version__
-from finite.cli import audit_command, formats_command, lab_command
+from finite.cli import audit_command, doctor_command, formats_command, lab_command
 
-COMMANDS: tuple[ModuleType, ...] = (formats_command, audit_command, lab_command)
+COMMANDS: tuple[ModuleType, ...] = (
+    doctor_command,
+    formats_command,
+    audit_command,
+    lab_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,143 @@
+"""`finite doctor` as a user runs it: a real process on small scripts in tests/doctor_scripts.
+
+Each test checks what the script itself did (its exit, the files it wrote, the loss it
+computed) against what the doctor reports.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.modules import module as module_hooks
+from torch.optim import optimizer as optimizer_hooks
+
+from finite.doctor import run_script
+
+SCRIPTS = Path(__file__).parent / "doctor_scripts"
+# The command line as `finite doctor` runs it, whether or not `doctor` is registered yet.
+RUNNER = (
+    "import sys; import finite.cli as cli; from finite.cli import doctor_command; "
+    "cli.COMMANDS = cli.COMMANDS if doctor_command in cli.COMMANDS "
+    "else (*cli.COMMANDS, doctor_command); sys.exit(cli.main(sys.argv[1:]))"
+)
+SEVERE = ("critical", "warning")
+
+
+def doctor(tmp_path, *args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, "doctor", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def steps(history_path):
+    lines = [json.loads(line) for line in history_path.read_text().splitlines()]
+    return [line for line in lines if line["kind"] == "step"]
+
+
+def test_healthy_script_exits_0_with_no_finding_above_info_and_a_report(tmp_path):
+    run = doctor(tmp_path, "--out", "rep", str(SCRIPTS / "healthy.py"), "a", "b")
+    assert run.returncode == 0, run.stderr
+    assert "trained 3" in run.stdout  # sys.argv is SCRIPT a b
+    findings = json.loads((tmp_path / "rep" / "findings.json").read_text())
+    assert [f for f in findings if f["severity"] in SEVERE] == []
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert len(steps(tmp_path / "rep" / "history.jsonl")) == 12
+
+
+def test_script_that_goes_nan_and_raises_exits_1_and_names_the_origin_module(tmp_path):
+    run = doctor(tmp_path, "--out", "rep", "--no-html", str(SCRIPTS / "goes_nan.py"))
+    assert run.returncode == 1
+    assert "RuntimeError: loss is nan at step 0" in run.stderr  # the script's traceback
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "rep" / "history.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "event"
+    ]
+    # The script's model is Sequential(Linear, Log, Linear): log of a negative is NaN.
+    assert any(e["origin"] == "1" and e["origin_type"] == "Log" for e in events)
+    findings = json.loads((tmp_path / "rep" / "findings.json").read_text())
+    assert findings[0]["severity"] == "critical"
+    assert not (tmp_path / "rep" / "report.html").exists()  # --no-html
+
+
+def test_sys_exit_3_gives_exit_status_3_and_a_report(tmp_path):
+    run = doctor(tmp_path, "--no-html", str(SCRIPTS / "exits_3.py"))
+    assert run.returncode == 3
+    assert len(steps(tmp_path / "finite-report" / "history.jsonl")) == 2
+
+
+def test_max_steps_stops_the_script_after_that_many_optimizer_steps(tmp_path):
+    count = tmp_path / "count"
+    run = doctor(tmp_path, "--no-html", "--max-steps", "2", str(SCRIPTS / "counts_steps.py"), count)
+    assert run.returncode == 0, run.stderr
+    # The stop is raised from the second optimizer.step(): the line after it never ran.
+    assert count.read_text() == "1"
+    assert len(steps(tmp_path / "finite-report" / "history.jsonl")) == 2
+
+
+def test_loss_is_recorded_unscaled_when_the_script_uses_a_loss_scaler(tmp_path):
+    written = tmp_path / "losses"
+    run = doctor(tmp_path, "--no-html", str(SCRIPTS / "writes_losses.py"), written)
+    assert run.returncode == 0, run.stderr
+    expected = [float(v) for v in written.read_text().splitlines()]
+    recorded = [s["loss"] for s in steps(tmp_path / "finite-report" / "history.jsonl")]
+    assert recorded == pytest.approx(expected, rel=1e-6)
+
+
+def test_missing_script_exits_2(tmp_path):
+    assert doctor(tmp_path, "no_such_script.py").returncode == 2
+
+
+def test_built_in_example_names_the_fault_and_passes_the_fix(tmp_path):
+    run = doctor(tmp_path, "--no-html")
+    assert run.returncode == 0, run.stderr
+    broken = json.loads((tmp_path / "finite-report" / "broken" / "findings.json").read_text())
+    fixed = json.loads((tmp_path / "finite-report" / "fixed" / "findings.json").read_text())
+    assert broken[0]["code"] == "fp16_gradient_underflow"
+    assert [f for f in fixed if f["severity"] in SEVERE] == []
+
+
+def test_every_hook_and_wrapper_is_removed_after_the_run():
+    backward, init = torch.Tensor.backward, torch.optim.Optimizer.__init__
+    pre, post = (
+        dict(module_hooks._global_forward_pre_hooks),
+        dict(module_hooks._global_forward_hooks),
+    )
+    step_post = dict(optimizer_hooks._global_optimizer_post_hooks)
+    argv, path = list(sys.argv), list(sys.path)
+    result = run_script(SCRIPTS / "exits_3.py", [])
+    assert result.exit_status == 3 and len(result.reports) == 1
+    assert torch.Tensor.backward is backward and torch.optim.Optimizer.__init__ is init
+    assert dict(module_hooks._global_forward_pre_hooks) == pre
+    assert dict(module_hooks._global_forward_hooks) == post
+    assert dict(optimizer_hooks._global_optimizer_post_hooks) == step_post
+    assert sys.argv == argv and sys.path == path
+    assert all(math.isfinite(s) for s in result.reports[0].history.steps["loss"])
+
+
+def test_unknown_precision_exits_2_before_running_the_script(tmp_path):
+    count = tmp_path / "count"
+    run = doctor(tmp_path, "--precision", "float99", str(SCRIPTS / "counts_steps.py"), count)
+    assert run.returncode == 2
+    assert "float99" in run.stderr
+    assert not count.exists()
+
+
+def test_two_models_get_a_report_each_and_ctrl_c_exits_130(tmp_path):
+    run = doctor(tmp_path, "--no-html", str(SCRIPTS / "two_models.py"))
+    assert run.returncode == 130
+    # Generator runs first (inside the critic's step), so it is model 0.
+    report = tmp_path / "finite-report"
+    assert len(steps(report / "0-Generator" / "history.jsonl")) == 3
+    # The critic also runs in the generator's step; its 3 optimizer steps come first.
+    assert len(steps(report / "1-Critic" / "history.jsonl")) >= 3
