@@ -7,8 +7,6 @@ below, so every decision is checked step by step.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
 import io
 import math
@@ -25,6 +23,7 @@ from finite.clipping.agc import AGC
 from finite.clipping.autoclip import AutoClip
 from finite.clipping.result import ClipResult
 from finite.clipping.zclip import ZClip
+from host_reads import counted_host_reads
 
 NAN = math.nan
 INF = math.inf
@@ -32,29 +31,6 @@ NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard, which the references 
 
 
 # ----------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def counted_host_reads():
-    """Count every way a tensor's value can reach the host (each is a device sync on CUDA)."""
-    counts: collections.Counter[str] = collections.Counter()
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counting(name):
-        original = originals[name]
-
-        def read(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, counting(name))
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def single_gradient(value: float, dtype=torch.float32) -> torch.nn.Parameter:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import math
 import statistics
@@ -15,34 +14,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from finite.clipping.spike_guard import SpikeGuard, SpikeRecord
+from host_reads import counted_host_reads
 
 NAN = math.nan
 INF = math.inf
-
-
-@contextlib.contextmanager
-def counted_host_reads():
-    """Count every way a tensor's value can reach the host (each is a device sync on CUDA)."""
-    counts: collections.Counter[str] = collections.Counter()
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counting(name):
-        original = originals[name]
-
-        def read(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, counting(name))
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def sigma_rule(values, sigma=6.0, window=128, min_history=64):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
 import io
 import math
@@ -20,6 +18,7 @@ from finite.clipping.zclip import ZClip
 from finite.precision.master_weights import MasterWeights
 from finite.scaling.loss_scaler import LossScaler
 from finite.step import StableStep, StepResult
+from host_reads import counted_host_reads
 
 IN, OUT = 6, 3
 
@@ -70,31 +69,6 @@ def assert_unchanged(model, optimizer, saved):
     for index, state in opt_state["state"].items():
         for key, value in state.items():
             assert torch.equal(now["state"][index][key], value), (index, key)
-
-
-@contextlib.contextmanager
-def counted_host_reads():
-    """Count every way a tensor's value can reach the host (each is a device sync on CUDA)."""
-    counts: collections.Counter[str] = collections.Counter()
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counting(name):
-        original = originals[name]
-
-        def read(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, counting(name))
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 # ----------------------------------------------------------------------------- the loop
