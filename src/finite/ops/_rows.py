@@ -13,8 +13,11 @@ Python loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+
+from finite._checks import normalize_dims, require_float_tensor
 
 __all__ = ["Scratch", "as_rows", "from_rows", "kept_shape", "row_blocks"]
 
@@ -48,6 +51,20 @@ def kept_shape(shape: torch.Size, dims: tuple[int, ...], keepdim: bool) -> tuple
     if keepdim:
         return tuple(1 if d in dims else n for d, n in enumerate(shape))
     return tuple(n for d, n in enumerate(shape) if d not in dims)
+
+
+def check_reduction_args(
+    x: object, dim: int | Sequence[int] | None, keepdim: object
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Validate a reduction's ``x``, ``dim`` and ``keepdim``; return ``x`` and the dims."""
+    x = require_float_tensor(x, "x")
+    if not isinstance(keepdim, bool):
+        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
+    if not (dim is None or isinstance(dim, (int, tuple, list))):
+        raise TypeError(f"dim must be an int, a sequence of ints or None, got {dim!r}")
+    if isinstance(dim, (tuple, list)) and len(dim) == 0:
+        raise ValueError("dim=() is ambiguous; pass dim=None to reduce over every dimension")
+    return x, normalize_dims(dim, x.ndim)
 
 
 def row_blocks(

@@ -23,8 +23,15 @@ from collections.abc import Sequence
 
 import torch
 
-from finite._checks import compute_dtype, normalize_dims, require_float_tensor
-from finite.ops._rows import Scratch, as_rows, from_rows, kept_shape, row_blocks
+from finite._checks import compute_dtype, require_float_tensor
+from finite.ops._rows import (
+    Scratch,
+    as_rows,
+    check_reduction_args,
+    from_rows,
+    kept_shape,
+    row_blocks,
+)
 from finite.ops.activations import softplus
 
 __all__ = ["log1mexp", "log1pexp", "logaddexp", "logmeanexp", "logsubexp", "logsumexp"]
@@ -374,20 +381,6 @@ def _gradient_factors(
     return shift, denominator
 
 
-def _check_reduction_args(
-    x: object, dim: int | Sequence[int] | None, keepdim: object
-) -> tuple[torch.Tensor, tuple[int, ...]]:
-    x = require_float_tensor(x, "x")
-    if not isinstance(keepdim, bool):
-        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
-    if not (dim is None or isinstance(dim, (int, tuple, list))):
-        raise TypeError(f"dim must be an int, a sequence of ints or None, got {type(dim).__name__}")
-    if isinstance(dim, (tuple, list)) and len(dim) == 0:
-        raise ValueError("dim=() is ambiguous; pass dim=None to reduce over every dimension")
-    dims = normalize_dims(dim, x.ndim)
-    return x, dims
-
-
 def logsumexp(
     x: torch.Tensor,
     dim: int | Sequence[int] | None,
@@ -488,7 +481,7 @@ def logsumexp(
     ----------
     Blanchard, Higham & Higham (2021); ``scipy.special.logsumexp``.
     """
-    x, dims = _check_reduction_args(x, dim, keepdim)
+    x, dims = check_reduction_args(x, dim, keepdim)
     if weights is not None:
         weights = require_float_tensor(weights, "weights")
         try:
@@ -553,7 +546,7 @@ def logmeanexp(
     >>> logmeanexp(torch.tensor([[1.0, 1.0, 1.0]]), dim=1)
     tensor([1.])
     """
-    x, dims = _check_reduction_args(x, dim, keepdim)
+    x, dims = check_reduction_args(x, dim, keepdim)
     return _LogSumExp.apply(x, None, dims, keepdim, True, False)[0]
 
 

@@ -29,8 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from finite._checks import normalize_dims, require_float_tensor
-from finite.ops._rows import as_rows, from_rows, kept_shape, row_blocks
+from finite.ops._rows import as_rows, check_reduction_args, from_rows, kept_shape, row_blocks
 
 __all__ = ["compensated_sum", "l2_norm", "mean_var"]
 
@@ -49,19 +48,6 @@ _MAX_CHUNK = 256
 # --------------------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------------------
-
-
-def _check_reduction_args(
-    x: object, dim: int | Sequence[int] | None, keepdim: object
-) -> tuple[torch.Tensor, tuple[int, ...]]:
-    x = require_float_tensor(x, "x")
-    if not isinstance(keepdim, bool):
-        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
-    if not (dim is None or isinstance(dim, (int, tuple, list))):
-        raise TypeError(f"dim must be an int, a sequence of ints or None, got {dim!r}")
-    if isinstance(dim, (tuple, list)) and len(dim) == 0:
-        raise ValueError("dim=() is ambiguous; pass dim=None to reduce over every dimension")
-    return x, normalize_dims(dim, x.ndim)
 
 
 def _times_pow2(t: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -351,7 +337,7 @@ def compensated_sum(
     ----------
     Neumaier (1974); Ogita, Rump & Oishi (2005); Rump, Ogita & Oishi (2008).
     """
-    x, dims = _check_reduction_args(x, dim, keepdim)
+    x, dims = check_reduction_args(x, dim, keepdim)
     return _CompensatedSum.apply(x, dims, keepdim)
 
 
@@ -518,7 +504,7 @@ def mean_var(
     ----------
     Chan, Golub & LeVeque (1983).
     """
-    x, dims = _check_reduction_args(x, dim, keepdim)
+    x, dims = check_reduction_args(x, dim, keepdim)
     if isinstance(correction, bool) or not isinstance(correction, (int, float)):
         raise TypeError(f"correction must be an int or float, got {type(correction).__name__}")
     if not (math.isfinite(correction) and correction >= 0):
@@ -632,7 +618,7 @@ def l2_norm(
     ----------
     Blue (1978).
     """
-    x, dims = _check_reduction_args(x, dim, keepdim)
+    x, dims = check_reduction_args(x, dim, keepdim)
     if math.prod([x.shape[d] for d in dims]) == 0:
         return torch.zeros(kept_shape(x.shape, dims, keepdim), dtype=x.dtype, device=x.device)
     return _L2Norm.apply(x, dims, keepdim)
