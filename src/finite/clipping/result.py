@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -90,6 +90,32 @@ def parameter_list(parameters: object) -> list[torch.Tensor]:
         if not isinstance(item, torch.Tensor):
             raise TypeError(f"parameters[{index}] must be a tensor, got {type(item).__name__}")
     return items
+
+
+def clip_by_global_norm_(
+    parameters: Any,
+    decide: Callable[[torch.Tensor, bool], tuple[ClipResult, torch.Tensor]],
+    process_group: Any,
+) -> ClipResult:
+    """Clip ``parameters``' gradients by the coefficient ``decide`` derives from their norm.
+
+    ``decide(norm, record)`` returns the result and the coefficient; ``record`` is False on
+    a rank with no gradients and no ``process_group``, whose norm carries no information.
+    """
+    from finite.clipping.norms import domains_norm, gradients_of, scale_, split_domains
+
+    grads = gradients_of(parameter_list(parameters))
+    domains = split_domains(grads, "gradients")
+    norm = domains_norm(domains, 2.0, process_group=process_group)
+    result, coefficient = decide(norm, bool(grads) or process_group is not None)
+    tensors = [t for d in domains for t in d.tensors]
+    # On a device the coefficient multiplies every gradient, even when it is 1: deciding
+    # otherwise would wait for the device. On the CPU nothing waits, and reading the
+    # flag saves an unclipped step a pass that writes every gradient.
+    unchanged = host_reads_are_free(tensors, result.clipped) and not bool(result.clipped)
+    if tensors and not unchanged:
+        scale_(domains, coefficient)
+    return result
 
 
 def host_reads_are_free(tensors: Iterable[torch.Tensor], flag: torch.Tensor) -> bool:

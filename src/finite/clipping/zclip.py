@@ -11,15 +11,10 @@ import torch.distributed as dist
 from finite._checks import require_choice
 from finite.clipping.norms import (
     check_process_group,
-    domains_norm,
-    gradients_of,
-    scale_,
-    split_domains,
 )
 from finite.clipping.result import (
     ClipResult,
-    host_reads_are_free,
-    parameter_list,
+    clip_by_global_norm_,
     require_bool,
     require_int,
     require_positive,
@@ -251,19 +246,7 @@ class ZClip:
             were scaled to when ``clipped``, else the norm above which they would have been)
             and ``clipped``, all device tensors.
         """
-        grads = gradients_of(parameter_list(parameters))
-        domains = split_domains(grads, "gradients")
-        norm = domains_norm(domains, 2.0, process_group=self._process_group)
-        record = bool(grads) or self._process_group is not None
-        result, coefficient = self._decide(norm, record)
-        tensors = [t for d in domains for t in d.tensors]
-        # On a device the coefficient multiplies every gradient, even when it is 1: deciding
-        # otherwise would wait for the device. On the CPU nothing waits, and reading the
-        # flag saves an unclipped step a pass that writes every gradient.
-        unchanged = host_reads_are_free(tensors, result.clipped) and not bool(result.clipped)
-        if tensors and not unchanged:
-            scale_(domains, coefficient)
-        return result
+        return clip_by_global_norm_(parameters, self._decide, self._process_group)
 
     def _decide(self, norm: torch.Tensor, record: bool) -> tuple[ClipResult, torch.Tensor]:
         """The clipping decision for ``norm``; updates the statistics when ``record``."""
