@@ -446,3 +446,14 @@ def test_monitor_records_one_step_per_accumulation_window():
         for batch in batches(6):
             step(mse(model, batch))
         assert monitor.current_step == 3
+
+
+def test_monitor_without_the_steps_scaler_is_rejected_naming_both():
+    from finite.monitor.monitor import Monitor
+    from finite.scaling import LossScaler
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, optimizer) as monitor:
+        with pytest.raises(ValueError, match="its scaler is None, the step's is LossScaler"):
+            StableStep(model, optimizer, scaler=LossScaler(), monitor=monitor)

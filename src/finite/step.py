@@ -221,6 +221,15 @@ class StableStep:
                     "optimizer must be built over master_weights.parameters(): some master "
                     "weights are not among its parameters"
                 )
+        if monitor is not None and monitor.scaler is not scaler:
+            # A monitor that does not know the scaler reads scaled gradient norms and
+            # counts a step the scaler skipped as one the optimizer took.
+            raise ValueError(
+                "monitor must be built with the same scaler as the step "
+                "(finite.Monitor(model, scaler=scaler)); its scaler is "
+                f"{type(monitor.scaler).__name__ if monitor.scaler is not None else None}, "
+                f"the step's is {type(scaler).__name__ if scaler is not None else None}"
+            )
         self._model = model
         self._optimizer = optimizer
         self._scaler = scaler
