@@ -85,6 +85,8 @@ class Float32View:
 
     def write_back_kahan(self) -> None:
         """``w = round_nearest(w32)``, ``c = round_nearest(w32 - w)``."""
+        if self.compensation is None:
+            raise RuntimeError("write_back_kahan needs the view built with compensation buffers")
         self.grads32 = None
         dtype = self.weights[0].dtype
         weights = self.weights32.to(dtype)

@@ -390,7 +390,7 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         try:
             for p in params:
                 p.data = torch.empty_like(p, dtype=torch.float32)
-            self.optimizer.load_state_dict(state_dict)
+            self.optimizer.load_state_dict(dict(state_dict))
         finally:
             for p, original in zip(params, originals, strict=True):
                 p.data = original

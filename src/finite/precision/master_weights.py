@@ -122,17 +122,21 @@ class MasterWeights:
         gradients are then set to ``None``, freeing their memory before the next
         backward pass. Parameters without a gradient are skipped. No host sync.
         """
-        with_grad = [i for i in self._low_precision if self._model_params[i].grad is not None]
-        fresh = [i for i in with_grad if self._masters[i].grad is None]
-        summed = [i for i in with_grad if self._masters[i].grad is not None]
-        for i in fresh:
-            self._masters[i].grad = self._model_params[i].grad.to(torch.float32)
-        model_grads = [self._model_params[i].grad for i in summed]
+        grads = {
+            i: grad for i in self._low_precision if (grad := self._model_params[i].grad) is not None
+        }
+        summed = [i for i in grads if self._masters[i].grad is not None]
+        for i, grad in grads.items():
+            if self._masters[i].grad is None:
+                self._masters[i].grad = grad.to(torch.float32)
+        model_grads = [grads[i] for i in summed]
+        master_grads = [self._masters[i].grad for i in summed]
         for group in group_by_device_and_dtype(model_grads):
             torch._foreach_add_(
-                [self._masters[summed[k]].grad for k in group], [model_grads[k] for k in group]
+                [master_grads[k] for k in group],  # type: ignore[misc]
+                [model_grads[k] for k in group],  # type: ignore[misc]
             )
-        for i in with_grad:
+        for i in grads:
             self._model_params[i].grad = None
 
     @torch.no_grad()
