@@ -17,6 +17,8 @@ from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
 from finite.doctor import run_script
+from finite.monitor import Monitor
+from host_reads import counted_host_reads
 
 SCRIPTS = Path(__file__).parent / "doctor_scripts"
 # The command line as `finite doctor` runs it, whether or not `doctor` is registered yet.
@@ -94,6 +96,15 @@ def test_loss_is_recorded_unscaled_when_the_script_uses_a_loss_scaler(tmp_path):
     assert recorded == pytest.approx(expected, rel=1e-6)
 
 
+def test_losses_of_accumulated_backward_calls_are_summed_per_step(tmp_path):
+    written = tmp_path / "sums"
+    result = run_script(SCRIPTS / "accumulates.py", [str(written)])
+    assert result.exit_status == 0
+    expected = [float(v) for v in written.read_text().splitlines()]
+    recorded = result.reports[0].history.steps["loss"].tolist()
+    assert recorded == pytest.approx(expected, rel=1e-6)
+
+
 def test_missing_script_exits_2(tmp_path):
     assert doctor(tmp_path, "no_such_script.py").returncode == 2
 
@@ -139,5 +150,65 @@ def test_two_models_get_a_report_each_and_ctrl_c_exits_130(tmp_path):
     # Generator runs first (inside the critic's step), so it is model 0.
     report = tmp_path / "finite-report"
     assert len(steps(report / "0-Generator" / "history.jsonl")) == 3
-    # The critic also runs in the generator's step; its 3 optimizer steps come first.
-    assert len(steps(report / "1-Critic" / "history.jsonl")) >= 3
+    # The critic also runs in the generator's last step, after which the script ends:
+    # that is no step of the critic's own, so it has its 3 optimizer steps, each with a loss.
+    critic = steps(report / "1-Critic" / "history.jsonl")
+    assert len(critic) == 3
+    assert all(math.isfinite(s["loss"]) for s in critic)
+    findings = json.loads((report / "1-Critic" / "findings.json").read_text())
+    assert [f for f in findings if f["severity"] in SEVERE] == []
+
+
+# ---------------------------------------------------------------------- GradScaler
+def grad_scaler_run(steps_with_inf, monitor_kwargs=None, fused=False):
+    """Train a Linear with torch.amp.GradScaler on the CPU under a Monitor, calling
+    monitor.step(loss) after scaler.update(); an inf input at the given steps makes the
+    scaler skip them. Returns the history, what the scaler said itself through its public
+    API (scale used, skipped), and the host reads of backward() and monitor.step()."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    if fused:  # GradScaler calls it even to skip: it skips inside its kernel
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    monitor = Monitor(model, optimizer, scaler=scaler, **(monitor_kwargs or {}))
+    seen, reads = [], 0
+    for step in range(5):
+        x = torch.randn(8, 4)
+        if step in steps_with_inf:
+            x[0, 0] = float("inf")
+        optimizer.zero_grad()
+        scale = scaler.get_scale()
+        with counted_host_reads() as counts:
+            loss = model(x).square().mean()
+            scaler.scale(loss).backward()
+        reads += sum(counts.values())
+        scaler.step(optimizer)
+        scaler.update()
+        with counted_host_reads() as counts:
+            monitor.step(loss)
+        reads += sum(counts.values())
+        seen.append((scale, scaler.get_scale() < scale))
+    history = monitor.history
+    monitor.close()
+    return history, seen, reads
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused-adam"])
+def test_monitor_marks_the_steps_a_grad_scaler_skipped_and_records_its_scale(fused):
+    history, seen, _ = grad_scaler_run({1, 3}, fused=fused)
+    assert history.steps["loss_scale"].tolist() == [scale for scale, _ in seen]
+    assert history.steps["skipped"].tolist() == [skipped for _, skipped in seen]
+    assert [skipped for _, skipped in seen] == [False, True, False, True, False]
+
+
+def test_monitor_with_a_grad_scaler_reads_nothing_on_the_host_between_syncs():
+    _, _, reads = grad_scaler_run({1}, {"sync_every": 100})
+    assert reads == 0
+
+
+def test_raise_on_nonfinite_lets_a_grad_scaler_skip_its_overflow_step():
+    # The scaler handles the overflow (it skips the step): nothing to raise.
+    history, _, _ = grad_scaler_run({2}, {"on_nonfinite": "raise"})
+    assert history.steps["skipped"].tolist() == [False, False, True, False, False]

@@ -457,3 +457,15 @@ def test_monitor_without_the_steps_scaler_is_rejected_naming_both():
     with Monitor(model, optimizer) as monitor:
         with pytest.raises(ValueError, match="its scaler is None, the step's is LossScaler"):
             StableStep(model, optimizer, scaler=LossScaler(), monitor=monitor)
+
+
+def test_monitor_marks_the_step_skipped_for_a_nan_loss_without_a_scaler():
+    from finite.monitor.monitor import Monitor
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, optimizer, sync_every=1, histograms_every=0) as monitor:
+        step = StableStep(model, optimizer, monitor=monitor)
+        for i, batch in enumerate(batches(3)):
+            step(mse(model, batch, factor=float("nan") if i == 1 else 1.0))
+    assert monitor.history.steps["skipped"].tolist() == [False, True, False]

@@ -6,7 +6,8 @@ model the script trains (a module with parameters called while no other module r
 with the optimizer that holds its parameters; the loss is taken where ``backward()`` is
 called on a one-element tensor. When the script ends, however it ends, the findings are
 printed and the report (report.html, findings.json, history.jsonl) is written to --out
-(one subfolder per model when there are several).
+(one subfolder per model when there are several). Under torchrun every rank records and
+rank 0 prints and writes the report of all ranks (finite.doctor.distributed).
 
 With no SCRIPT it runs the built-in example: float16 training without loss scaling
 (the lab's fp16-underflow scenario), then with the fix, and prints both diagnoses.
@@ -22,11 +23,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from finite.cli._output import console
 from finite.diagnosis import Finding, print_findings
+
+if TYPE_CHECKING:
+    from finite.doctor import ModelReport, RunResult
 
 NAME = "doctor"
 HELP = "run a training script with no change to it and diagnose its numerics"
@@ -77,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.script is None:
         return _run_example(args)
-    from finite.doctor import run_script, write_reports
+    from finite.doctor import run_script
 
     if not Path(args.script).is_file():
         print(f"finite doctor: no such script: {args.script}", file=sys.stderr)
@@ -98,24 +103,73 @@ def run(args: argparse.Namespace) -> int:
     result = run_script(
         args.script, list(args.args), monitor_kwargs=monitor_kwargs, max_steps=args.max_steps
     )
+    from finite.doctor import distributed
+
+    rank, world_size = distributed.world()
+    if world_size > 1:
+        return _report_ranks(args, result, rank, world_size)
+    _report(args, result, result.reports, Path(args.out))
+    return result.exit_status
+
+
+def _report(
+    args: argparse.Namespace, result: RunResult, reports: list[ModelReport], out_dir: Path
+) -> None:
+    """Print the findings of ``reports`` and write them under ``out_dir``."""
+    from finite.doctor import write_reports
+
     out = console()
     if result.ended == "max-steps":
         print(f"finite doctor: stopped after {result.optimizer_steps} steps", file=sys.stderr)
-    if not result.reports:
+    if not reports:
         print(
             "finite doctor: no model was trained (no module with parameters ran with "
             "gradients enabled); nothing to diagnose",
             file=sys.stderr,
         )
-        return result.exit_status
-    for report in result.reports:
-        if len(result.reports) > 1:
+        return
+    for report in reports:
+        if len(reports) > 1:
             out.rule(report.name)
         print_findings(report.findings, console=out)
-    dirs = write_reports(result.reports, Path(args.out), html=not args.no_html)
+    dirs = write_reports(reports, out_dir, html=not args.no_html)
     for directory in dirs:
         name = "findings.json" if args.no_html else "report.html"
         print(f"finite doctor: report written to {directory / name}", file=sys.stderr)
+
+
+def _report_ranks(args: argparse.Namespace, result: RunResult, rank: int, world_size: int) -> int:
+    """Distributed: rank 0 prints and writes the report of every rank; the others send
+    theirs to it (see finite.doctor.distributed) and print nothing."""
+    from finite.doctor import distributed, write_reports
+
+    out_dir = Path(args.out)
+    try:
+        gathered = distributed.gather_reports(
+            result.reports, rank=rank, world_size=world_size, status=result.exit_status
+        )
+    except distributed.NoStore:
+        gathered = False  # no way to reach rank 0: every rank writes its own report
+    if isinstance(gathered, distributed.Gathered):
+        try:
+            if gathered.missing:
+                missing = ", ".join(str(r) for r in gathered.missing)
+                print(
+                    f"finite doctor: no results from rank(s) {missing} within "
+                    f"{distributed.GATHER_TIMEOUT_S:g} s; the report has the other ranks",
+                    file=sys.stderr,
+                )
+            _report(args, result, gathered.reports, out_dir)
+        finally:
+            gathered.release()
+        return result.exit_status
+    if gathered is True:
+        return result.exit_status  # rank 0 wrote this rank's results
+    own = out_dir / f"rank{rank}"
+    if rank == 0:
+        _report(args, result, result.reports, own)
+    elif result.reports:
+        write_reports(result.reports, own, html=not args.no_html)
     return result.exit_status
 
 

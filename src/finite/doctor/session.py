@@ -12,11 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finite.diagnosis import Finding, diagnose
-from finite.doctor.instrumentation import Instrumentation, StopRun
-from finite.monitor import History, Monitor
+import numpy as np
 
-__all__ = ["ModelReport", "RunResult", "model_dirs", "run_script", "write_reports"]
+from finite.diagnosis import Evidence, Finding, diagnose
+from finite.doctor.instrumentation import ClipRecord, Instrumentation, StopRun
+from finite.monitor import History
+
+__all__ = [
+    "ModelReport",
+    "RunResult",
+    "clipping_finding",
+    "loss_scaling_finding",
+    "model_dirs",
+    "run_script",
+    "write_reports",
+]
 
 #: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
 EXIT_INTERRUPTED = 130
@@ -24,11 +34,16 @@ EXIT_INTERRUPTED = 130
 
 @dataclass
 class ModelReport:
-    """What the doctor found for one model of the script."""
+    """What the doctor found for one model of the script.
+
+    ``clip_threshold`` is the ``max_norm`` the script gave ``clip_grad_norm_`` for this
+    model (drawn on the report's gradient-norm plot), None when it did not clip.
+    """
 
     name: str
     history: History
     findings: list[Finding]
+    clip_threshold: float | None = None
 
 
 @dataclass
@@ -95,13 +110,14 @@ def run_script(
     finally:
         instrumentation.remove()
         sys.argv, sys.path[:] = saved_argv, saved_path
-    reports = _diagnose_all(instrumentation.monitors)
+    instrumentation.finish()
+    reports = _diagnose_all(instrumentation)
     return RunResult(status, ended, instrumentation.optimizer_steps, reports)
 
 
-def _diagnose_all(monitors: list[Monitor]) -> list[ModelReport]:
-    reports = []
-    for monitor in monitors:
+def _diagnose_all(instrumentation: Instrumentation) -> list[ModelReport]:
+    reports: list[ModelReport] = []
+    for monitor in instrumentation.monitors:
         try:
             monitor.close()
         except FloatingPointError:
@@ -110,8 +126,107 @@ def _diagnose_all(monitors: list[Monitor]) -> list[ModelReport]:
         name = type(monitor.model).__name__
         if name in names:
             name = f"{name}-{names.count(name) + 1}"
-        reports.append(ModelReport(name, monitor.history, list(diagnose(monitor))))
+        findings = list(diagnose(monitor))
+        if monitor.scaler is not None:
+            scaling = loss_scaling_finding(monitor.history, type(monitor.scaler).__name__)
+            if scaling is not None:
+                findings.append(scaling)
+        clip = instrumentation.clipping(monitor)
+        if clip is not None:
+            findings.append(clipping_finding(clip))
+        threshold = clip.max_norm if clip is not None else None
+        reports.append(ModelReport(name, monitor.history, findings, threshold))
     return reports
+
+
+def _power_of_two(value: float) -> str:
+    exponent = math.log2(value) if value > 0 and math.isfinite(value) else math.nan
+    if math.isfinite(exponent) and exponent == round(exponent):
+        return f"{value:.3g} (2^{int(exponent)})"
+    return f"{value:.3g}"
+
+
+def loss_scaling_finding(history: History, scaler_name: str) -> Finding | None:
+    """An "info" finding: the loss scale over the run and the steps the scaler skipped.
+
+    None when the history holds no loss scale (the scaler was disabled).
+    """
+    steps = history.steps
+    if len(steps) == 0:
+        return None
+    rows = steps.where(rank=int(steps["rank"].min()))
+    scale = rows["loss_scale"].astype(float)
+    known = np.isfinite(scale)
+    if not known.any():
+        return None
+    step, scale = rows["step"][known], scale[known]
+    skipped = [int(s) for s in rows["step"][rows["skipped"].astype(bool)]]
+    shown = ", ".join(str(s) for s in skipped[:8]) + (" ..." if len(skipped) > 8 else "")
+    evidence = [
+        Evidence(
+            f"loss scale {_power_of_two(float(scale[0]))} at step {int(step[0])}, "
+            f"{_power_of_two(float(scale[-1]))} at step {int(step[-1])}",
+            step=int(step[0]),
+            value=float(scale[-1]),
+            plot="loss_scale",
+        )
+    ]
+    if skipped:
+        evidence.append(
+            Evidence(
+                f"skipped step(s) (inf/NaN gradients, optimizer.step() not run): {shown}",
+                step=skipped[0],
+                value=float(len(skipped)),
+                plot="loss_scale",
+            )
+        )
+    return Finding(
+        code="loss_scaling",
+        severity="info",
+        title=f"{scaler_name} skipped {len(skipped)} of {len(rows)} steps",
+        evidence=tuple(evidence),
+        cause=(
+            "The loss scaler multiplies the loss before backward() so that small "
+            "gradients do not flush to zero in float16, and skips a step whose gradients "
+            "overflow, lowering the scale. The report's gradient norms are unscaled."
+        ),
+        fix=(
+            "Nothing to fix while skips are few and early (the scale settling). Steps "
+            "skipped all along are reported as a loss_scale_collapse finding."
+        ),
+    )
+
+
+def clipping_finding(clip: ClipRecord) -> Finding:
+    """An "info" finding: how often ``clip_grad_norm_`` cut the gradient norm."""
+    clipped = int(clip.clipped.cpu())  # one read, after the run
+    share = clipped / clip.calls if clip.calls else 0.0
+    return Finding(
+        code="gradient_clipping",
+        severity="info",
+        title=(
+            f"clip_grad_norm_(max_norm={clip.max_norm:g}) clipped the gradient norm "
+            f"on {clipped} of {clip.calls} calls"
+        ),
+        evidence=(
+            Evidence(
+                f"the gradient norm before clipping exceeded {clip.max_norm:g} "
+                f"(or was not finite) on {clipped} of {clip.calls} calls ({share:.0%})",
+                value=clip.max_norm,
+                plot="grad_norm",
+            ),
+        ),
+        cause=(
+            "The script clips with torch.nn.utils.clip_grad_norm_; the report's "
+            "gradient norm is the norm before clipping (unscaled when a loss scaler is "
+            "used), drawn against the threshold."
+        ),
+        fix=(
+            "Nothing to fix by itself. Clipping on nearly every step means the threshold "
+            "sets the step size: raise it or lower the learning rate; finite.ZClip and "
+            "finite.AutoClip adapt it to the run."
+        ),
+    )
 
 
 def model_dirs(reports: list[ModelReport], out_dir: Path) -> list[Path]:
@@ -132,7 +247,9 @@ def write_reports(reports: list[ModelReport], out_dir: Path, *, html: bool = Tru
         if html:
             from finite.report import write_report
 
-            write_report(report.history, report.findings, directory)
+            write_report(
+                report.history, report.findings, directory, clip_threshold=report.clip_threshold
+            )
             continue
         directory.mkdir(parents=True, exist_ok=True)
         findings = [_strict(f.to_dict()) for f in report.findings]

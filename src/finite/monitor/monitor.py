@@ -95,6 +95,24 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
 
 
+def _is_grad_scaler(scaler: object) -> bool:
+    """Whether ``scaler`` is a ``torch.amp.GradScaler`` (``torch.cuda.amp``'s included)."""
+    return isinstance(scaler, torch.amp.GradScaler)
+
+
+def _scale_tensor(scaler: object) -> torch.Tensor | None:
+    """The scaler's current loss scale as a device tensor (no host read), or None."""
+    if _is_grad_scaler(scaler):
+        # GradScaler keeps its scale in ``_scale``: a 0-d device tensor created by the
+        # first ``scale()`` call; there is none while the scaler is disabled.
+        if not scaler.is_enabled():  # type: ignore[attr-defined]
+            return None
+        scale = getattr(scaler, "_scale", None)
+    else:
+        scale = getattr(scaler, "scale_tensor", None)
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
 @dataclass
 class _Slot:
     numel: int
@@ -137,6 +155,7 @@ class _Trace:
         self.update_table: torch.Tensor | None = None
         self.loss: torch.Tensor | float | None = None
         self.scale: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None  # GradScaler: > 0 when it skipped the step
         self.reported: set[tuple[str, str]] = set()
 
 
@@ -217,9 +236,11 @@ class Monitor:
     ``optimizer.step()``. When ``optimizer`` is given, its step hook ends the step
     anyway, and a ``monitor.step(loss)`` right after it only attaches the loss to that
     step, so a step is never counted twice. When a ``scaler`` skipped the optimizer step
-    and ``monitor.step`` is not called, the next forward pass ends it. Without optimizer
-    or calls to ``monitor.step`` everything is one step. Forward passes under
-    ``torch.no_grad()``/``inference_mode`` (validation) are not monitored.
+    and ``monitor.step`` is not called, the next forward pass ends it (with a
+    ``finite.LossScaler``; a ``torch.amp.GradScaler`` does not count its skipped steps, so
+    with one, call ``monitor.step(loss)`` every iteration after ``scaler.step(optimizer)``).
+    Without optimizer or calls to ``monitor.step`` everything is one step. Forward passes
+    under ``torch.no_grad()``/``inference_mode`` (validation) are not monitored.
 
     **Provenance.** See :mod:`finite.monitor.provenance`: the forward origin is the first
     module (in the order modules finish) whose inputs are all finite and whose output is
@@ -240,10 +261,14 @@ class Monitor:
         The model; hooks go on every module (``named_modules()``) and parameter.
     optimizer : torch.optim.Optimizer, optional
         Enables update statistics and ends steps on ``optimizer.step()``.
-    scaler : LossScaler, optional
-        Loss scaler (anything with ``scale_tensor`` and ``skipped_steps``): gradient norms
-        are reported unscaled, underflow is measured on the scaled gradient as stored,
-        skipped steps are marked.
+    scaler : LossScaler or torch.amp.GradScaler, optional
+        Loss scaler (``finite.LossScaler``, anything with ``scale_tensor`` and
+        ``skipped_steps``, or a ``torch.amp.GradScaler``): gradient norms are reported
+        unscaled, underflow is measured on the scaled gradient as stored, the loss scale
+        is recorded and skipped steps are marked. A GradScaler's skip is read from its
+        found-inf flags (device tensors, read at the next sync) when the step ends inside
+        ``scaler.step(optimizer)``; a step that ``monitor.step()`` ends after a backward
+        pass without ``optimizer.step()`` is one it skipped.
     precision : str, torch.dtype or FloatFormat, optional
         Format the statistics are measured against (``"float16"``, ``"bfloat16"``,
         ``"float8_e4m3fn"``...). None: the autocast dtype if autocast is on at the first
@@ -306,10 +331,10 @@ class Monitor:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
-        if scaler is not None and not hasattr(scaler, "scale_tensor"):
+        if scaler is not None and not (hasattr(scaler, "scale_tensor") or _is_grad_scaler(scaler)):
             raise TypeError(
-                "scaler must be a finite.LossScaler (with scale_tensor), "
-                f"got {type(scaler).__name__}"
+                "scaler must be a finite.LossScaler (with scale_tensor) or a "
+                f"torch.amp.GradScaler, got {type(scaler).__name__}"
             )
         for name, value, lowest in (
             ("every", every, 1),
@@ -471,6 +496,16 @@ class Monitor:
         trace = self._trace
         if value is not None:
             trace.loss = value
+        if (
+            self._optimizer is not None
+            and trace.backward_ran
+            and not (_is_grad_scaler(self._scaler) and self._found_inf() is not None)
+        ):
+            # optimizer.step() would have ended this step through its hook: a step ended
+            # here after a backward pass was skipped (by a GradScaler, whose found-inf
+            # flags update() has reset, by StableStep, or by a script that stopped before
+            # stepping). A GradScaler's flags still set decide at the next sync instead.
+            trace.skipped = True
         if self._on_nonfinite == "raise":
             self._raise_if_nonfinite()
         self._end_step(by_optimizer=False)
@@ -505,11 +540,19 @@ class Monitor:
             histories.append(history)
         return History.concat(histories)
 
-    def close(self) -> None:
-        """End a step in progress, sync, remove every hook and close the files."""
+    def close(self, *, end_step: bool = True) -> None:
+        """End a step in progress, sync, remove every hook and close the files.
+
+        Parameters
+        ----------
+        end_step : bool, default True
+            Record a step in progress (a forward or backward pass since the last step) as
+            a last step. False drops it: a model that also ran in another model's step
+            (a GAN's critic in the generator's step) has no step of its own there.
+        """
         if self._closed:
             return
-        if self._trace.activity:
+        if self._trace.activity and end_step:
             self._end_step(by_optimizer=False)
         self._sync()
         for handle in self._handles:
@@ -588,11 +631,38 @@ class Monitor:
             self._maybe_sync()  # deferred so that a loss could still be attached
         self._trace.activity = True
 
+    def _found_inf(self) -> torch.Tensor | None:
+        """A GradScaler's found-inf flags for this step, summed on the device; None when
+        it has none (not a GradScaler, not unscaled yet, or reset by ``update()``)."""
+        if not _is_grad_scaler(self._scaler):
+            return None
+        states = getattr(self._scaler, "_per_optimizer_states", None)
+        if not states:
+            return None
+        if self._optimizer is not None:
+            # .get: the states are a defaultdict, and indexing would add an entry.
+            state = states.get(id(self._optimizer))
+            chosen = [state] if state else []
+        else:
+            chosen = list(states.values())
+        flags = [
+            flag
+            for state in chosen
+            for flag in state.get("found_inf_per_device", {}).values()
+            if isinstance(flag, torch.Tensor)
+        ]
+        if not flags:
+            return None
+        device = flags[0].device
+        return torch.stack([f.detach().to(device, torch.float32).reshape(()) for f in flags]).sum()
+
     def _end_step(self, by_optimizer: bool) -> None:
         trace = self._trace
         skipped = getattr(self._scaler, "skipped_steps", None)
         if trace.skipped_before is not None and isinstance(skipped, int):
             trace.skipped = skipped > trace.skipped_before
+        if trace.found_inf is None:
+            trace.found_inf = self._found_inf()
         self._pending.append(trace)
         self._step += 1
         self._trace = self._new_trace()
@@ -627,6 +697,12 @@ class Monitor:
         # The one read per step of on_nonfinite="raise".
         if not loss_bad and (flag is None or not bool(flag)):
             return
+        skipped = getattr(self._scaler, "skipped_steps", None)
+        if trace.skipped_before is not None and isinstance(skipped, int):
+            trace.skipped = trace.skipped or skipped > trace.skipped_before
+        found_inf = self._found_inf()
+        if trace.skipped or (found_inf is not None and bool(found_inf > 0)):
+            return  # the scaler skips this step: the overflow does not reach the weights
         self._end_step(by_optimizer=False)
         self._sync()
         events = [e for e in self._history.events if e.step == trace.step]
@@ -812,8 +888,8 @@ class Monitor:
                     ]
                 )
                 trace.hist_params = indices
-        scale = getattr(self._scaler, "scale_tensor", None)
-        if isinstance(scale, torch.Tensor):
+        scale = _scale_tensor(self._scaler)
+        if scale is not None:
             trace.scale = scale.detach().to(torch.float32, copy=True)
 
     # ------------------------------------------------------------------ optimizer hooks
@@ -904,6 +980,9 @@ class Monitor:
             ),
             "loss": pack.add(loss.reshape(1) if loss is not None else None),
             "scale": pack.add(trace.scale.reshape(1) if trace.scale is not None else None),
+            "found_inf": pack.add(
+                trace.found_inf.reshape(1) if trace.found_inf is not None else None
+            ),
         }
 
     def _read(
@@ -918,6 +997,7 @@ class Monitor:
         scale = pack.get(handle["scale"])
         scale_value = float(scale[0]) if scale is not None else None
         divisor = scale_value if scale_value and math.isfinite(scale_value) else 1.0
+        found_inf = pack.get(handle["found_inf"])
         grad_table = pack.get(handle["grad_table"])
         leaf: list[np.ndarray] = [pack.get(h) for h in handle["leaf"]]  # type: ignore[misc]
         grad_counts = pack.get(handle["grad_counts"])
@@ -932,7 +1012,7 @@ class Monitor:
             "rank": self._rank,
             "loss": loss_value,
             "loss_scale": scale_value,
-            "skipped": trace.skipped,
+            "skipped": trace.skipped or bool(found_inf is not None and found_inf[0] > 0),
             "measured": trace.measured,
             "grad_norm": None,
             "nonfinite_grads": None,
