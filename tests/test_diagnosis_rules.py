@@ -340,6 +340,13 @@ def test_vanishing_gradients_fires_below_two_to_the_minus_ten():
     assert finding.evidence[0].value == pytest.approx(1e-4)
 
 
+def test_vanishing_gradients_says_a_zero_first_layer_gradient_gets_nothing_not_inf():
+    finding = R.vanishing_gradients(make_history(params=_vanishing_params(0.0)), context())
+    assert finding.title == "Vanishing gradients: the first layer gets no gradient at all"
+    assert "exactly zero" in finding.evidence[1].text
+    assert "inf" not in finding.evidence[1].text
+
+
 def test_vanishing_gradients_ignores_a_ratio_above_the_threshold():
     assert R.vanishing_gradients(make_history(params=_vanishing_params(2e-3)), context()) is None
 
@@ -385,6 +392,9 @@ def test_fp16_gradient_underflow_fires_on_subnormal_gradients_alone():
     history = make_history(fmt="float16", params=_underflowing(0.0, 0.4))
     finding = R.fp16_gradient_underflow(history, context("float16"))
     assert finding is not None and "40% are subnormal" in finding.title
+    # Nothing left to flush: the evidence says why, not "0% would flush to zero".
+    assert "would flush" not in finding.evidence[0].text
+    assert "exact zeros" in finding.evidence[0].text
 
 
 def test_fp16_gradient_underflow_ignores_a_few_subnormal_gradients():

@@ -109,15 +109,6 @@ def test_missing_script_exits_2(tmp_path):
     assert doctor(tmp_path, "no_such_script.py").returncode == 2
 
 
-def test_built_in_example_names_the_fault_and_passes_the_fix(tmp_path):
-    run = doctor(tmp_path, "--no-html")
-    assert run.returncode == 0, run.stderr
-    broken = json.loads((tmp_path / "finite-report" / "broken" / "findings.json").read_text())
-    fixed = json.loads((tmp_path / "finite-report" / "fixed" / "findings.json").read_text())
-    assert broken[0]["code"] == "fp16_gradient_underflow"
-    assert [f for f in fixed if f["severity"] in SEVERE] == []
-
-
 def test_every_hook_and_wrapper_is_removed_after_the_run():
     backward, init = torch.Tensor.backward, torch.optim.Optimizer.__init__
     pre, post = (

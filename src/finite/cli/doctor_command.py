@@ -32,6 +32,7 @@ from finite.diagnosis import Finding, print_findings
 
 if TYPE_CHECKING:
     from finite.doctor import ModelReport, RunResult
+    from finite.lab import Outcome
 
 NAME = "doctor"
 HELP = "run a training script with no change to it and diagnose its numerics"
@@ -185,6 +186,7 @@ def _run_example(args: argparse.Namespace) -> int:
     table = Table(title=f"finite doctor: {result.name}")
     table.add_column(f"broken: {result.fault}")
     table.add_column(f"fixed: {result.fix}")
+    table.add_row(_losses(result.broken), _losses(result.fixed))
     table.add_row(_summary(result.broken_findings), _summary(result.fixed_findings))
     out.print(table)
     out.rule("broken run")
@@ -200,6 +202,10 @@ def _run_example(args: argparse.Namespace) -> int:
         f"finite doctor: reports written to {out_dir}/broken and {out_dir}/fixed", file=sys.stderr
     )
     return 0 if result.match else 1
+
+
+def _losses(outcome: Outcome) -> str:
+    return f"loss {outcome.first_loss:.3g} -> {outcome.final_loss:.3g} in {outcome.steps} steps"
 
 
 def _summary(findings: tuple[Finding, ...]) -> str:

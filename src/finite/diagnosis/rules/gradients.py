@@ -276,8 +276,10 @@ def vanishing_gradients(history: History, context: Context) -> Finding | None:
             plot="grad_norm_heatmap",
         ),
         Evidence(
-            f"the gradient shrinks about {num(1 / per_layer) if per_layer else 'inf'}x per "
-            f"layer over {len(layers)} layers",
+            f"the gradient shrinks about {num(1 / per_layer)}x per layer over "
+            f"{len(layers)} layers"
+            if per_layer
+            else f"{first}'s gradient is exactly zero on most measured steps",
             step=step,
             value=per_layer,
             plot="grad_norm_heatmap",
@@ -307,7 +309,11 @@ def vanishing_gradients(history: History, context: Context) -> Finding | None:
     return Finding(
         code="vanishing_gradients",
         severity="warning",
-        title=f"Vanishing gradients: early layers get {num(ratio)}x the gradient of the last",
+        title=(
+            f"Vanishing gradients: early layers get {num(ratio)}x the gradient of the last"
+            if ratio > 0
+            else "Vanishing gradients: the first layer gets no gradient at all"
+        ),
         evidence=tuple(evidence),
         cause=(
             "Backpropagation multiplies the gradient by every layer's Jacobian; sigmoid "
@@ -391,7 +397,11 @@ def fp16_gradient_underflow(history: History, context: Context) -> Finding | Non
     evidence = [
         Evidence(
             f"{percent(u)} of the non-zero gradient elements would flush to zero in {fmt.name} "
-            f"and {percent(s)} are subnormal (medians over {len(steps)} measured steps)",
+            f"and {percent(s)} are subnormal (medians over {len(steps)} measured steps)"
+            if u > 0
+            else f"{percent(s)} of the non-zero gradient elements are subnormal in {fmt.name} "
+            f"(medians over {len(steps)} measured steps); gradients computed in {fmt.name} "
+            "have already lost the ones that flushed: they are exact zeros, not counted here",
             step=first,
             value=u,
             plot="histograms",
