@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finite import compensated
+from finite import StableStep, compensated
 from finite.lab._training import monitor, regression_batches
 from finite.monitor import Monitor
 
 NAME = "bf16-swamping"
 FAULT = "pure bfloat16 weights, AdamW lr=1e-5: updates below half an ulp are rounded away"
-FIX = 'finite.compensated(optimizer, "kahan"): Kahan-summed weight updates'
+FIX = 'finite.compensated(optimizer, "kahan") in finite.StableStep: Kahan-summed updates'
 EXPECTED = "bf16_update_swamping"
 
 STEPS = 30
@@ -36,9 +36,13 @@ def train(fixed: bool) -> Monitor:
         optimizer = compensated(optimizer, "kahan")
     batches = regression_batches(64, 16, lambda x, w: torch.sin(x @ w))
     with monitor(model, optimizer, every=5) as mon:
-        for step in range(STEPS):
-            x, y = batches(step)
+        step = StableStep(model, optimizer, monitor=mon) if fixed else None
+        for i in range(STEPS):
+            x, y = batches(i)
             loss = F.mse_loss(model(x.bfloat16()).float(), y)
+            if step is not None:
+                step(loss)  # backward, inf/NaN check, compensated step, zero, record
+                continue
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -7,6 +7,7 @@ from finite.lab import (
     bf16_swamping,
     cancellation,
     exploding_rnn,
+    fp16_gradient_accumulation,
     fp16_underflow,
     log_of_probabilities,
     lr_too_high,
@@ -33,6 +34,7 @@ SCENARIOS: dict[str, Scenario] = {
             zero_variance_norm,
             cancellation,
             sqrt_at_zero,
+            fp16_gradient_accumulation,
         ),
     )
 }

@@ -6,6 +6,7 @@ symptoms they produce (non-finite data before a non-finite loss, a loss scale th
 collapsed before the gradients it lost), and symptoms of the loss curve come last.
 """
 
+from finite.diagnosis.rules.accumulation import fp16_accumulation_overflow
 from finite.diagnosis.rules.activations import (
     activation_overflow_risk,
     dead_units,
@@ -32,6 +33,7 @@ __all__ = [
     "dead_units",
     "divergence_after_progress",
     "exploding_gradients",
+    "fp16_accumulation_overflow",
     "fp16_gradient_underflow",
     "loss_oscillation",
     "loss_plateau",
@@ -47,6 +49,7 @@ __all__ = [
 RULES = (
     nonfinite_input_data,
     nonfinite_loss,
+    fp16_accumulation_overflow,
     nonfinite_gradients,
     nonfinite_weights,
     loss_scale_collapse,
