@@ -13,14 +13,7 @@ from finite import LossScaler
 from finite.diagnosis import diagnose
 from finite.monitor import Monitor
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and results do not depend on the pool size.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model, optimizer, batches, loss_fn, steps, *, log_dir=None, **monitor_kwargs):

@@ -6,44 +6,23 @@ computed) against what the doctor reports.
 
 import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
+from doctor_run import SCRIPTS, doctor, history
 from finite.doctor import run_script
 from finite.monitor import Monitor
 from host_reads import counted_host_reads
 
-SCRIPTS = Path(__file__).parent / "doctor_scripts"
-# The command line as `finite doctor` runs it, whether or not `doctor` is registered yet.
-RUNNER = (
-    "import sys; import finite.cli as cli; from finite.cli import doctor_command; "
-    "cli.COMMANDS = cli.COMMANDS if doctor_command in cli.COMMANDS "
-    "else (*cli.COMMANDS, doctor_command); sys.exit(cli.main(sys.argv[1:]))"
-)
 SEVERE = ("critical", "warning")
 
 
-def doctor(tmp_path, *args, timeout=60):
-    return subprocess.run(
-        [sys.executable, "-c", RUNNER, "doctor", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
 def steps(history_path):
-    lines = [json.loads(line) for line in history_path.read_text().splitlines()]
-    return [line for line in lines if line["kind"] == "step"]
+    return history(history_path)[0]
 
 
 def test_healthy_script_exits_0_with_no_finding_above_info_and_a_report(tmp_path):

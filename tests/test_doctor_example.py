@@ -10,8 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import re
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -22,21 +20,16 @@ import numpy as np
 import pytest
 import torch
 
+from browser import CHROMIUM, rendered_images
 from finite.lab import fp16_underflow
 from finite.lab.tiny_lm import TEXT_NAME
 
 SEVERE = ("critical", "warning")
 FLOAT16_TINY = torch.finfo(torch.float16).tiny  # 2**-14, the smallest normal number
 FLOAT16_SMALLEST_SUBNORMAL = 2.0**-24
-CHROMIUM = shutil.which("chromium")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- the shipped text
@@ -140,17 +133,6 @@ class ImageCounter(HTMLParser):
         self.images += tag == "img"
 
 
-# Marks the page once everything has loaded: how many images there are and how many did
-# not decode. Added to a copy of the page only; the report itself has no script.
-PROBE = """<script>
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
-  document.body.setAttribute("data-probe", images.length + ":" + broken.length);
-});
-</script>"""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 def test_the_broken_report_opens_in_headless_chromium_with_every_image_decoded(example, tmp_path):
@@ -158,30 +140,9 @@ def test_the_broken_report_opens_in_headless_chromium_with_every_image_decoded(e
     page = (out / "broken" / "report.html").read_text(encoding="utf-8")
     counter = ImageCounter()
     counter.feed(page)
-    probed = out / "broken" / "probed.html"  # beside the page: relative image paths hold
-    probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    done = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",  # tests may run as root in containers
-            "--disable-gpu",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            probed.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    probed.unlink()
-    found = re.search(r'data-probe="(\d+):(\d+)"', done.stdout)
-    assert found is not None, done.stdout[-2000:]
-    assert (int(found[1]), int(found[2])) == (counter.images, 0)
-    assert "fp16_gradient_underflow" in done.stdout
+    images, broken, dom = rendered_images(out / "broken" / "report.html", tmp_path / "profile")
+    assert (images, broken) == (counter.images, 0)
+    assert "fp16_gradient_underflow" in dom
 
 
 # ---------------------------------------------------------------------- the mechanism

@@ -8,33 +8,11 @@ loss it computed, the losses the Hugging Face ``Trainer`` logs).
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).parent / "doctor_scripts"
-
-
-def doctor(tmp_path, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "finite", "doctor", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def history(path):
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    steps = [line for line in lines if line["kind"] == "step"]
-    events = [line for line in lines if line["kind"] == "event"]
-    return steps, events
+from doctor_run import SCRIPTS, doctor, history
 
 
 def seen_by_script(path):

@@ -35,12 +35,7 @@ SLOW = {"fp16-underflow"}
 FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

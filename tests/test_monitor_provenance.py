@@ -14,13 +14,7 @@ D = 8
 FAULTY = "encoder.layers.1.attn"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: threads only add contention on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Mix(nn.Module):

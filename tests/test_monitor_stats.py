@@ -19,13 +19,7 @@ from finite.scaling import LossScaler
 FORMATS = ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: threads only add contention on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Weighted(nn.Module):

@@ -16,14 +16,7 @@ from torch import nn
 from finite.monitor import History, Monitor
 from finite.scaling import LossScaler
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: threads only add contention on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny():

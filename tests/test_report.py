@@ -8,8 +8,6 @@ import io
 import json
 import math
 import re
-import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from browser import CHROMIUM, chromium, rendered_images
 from finite.diagnosis.finding import PLOTS, Evidence, Finding
 from finite.monitor import History, Monitor, Table
 from finite.report import FINDING_FIELDS, make_plots, write_report
@@ -32,12 +31,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 POISONED_STEP = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -532,32 +526,6 @@ def test_without_matplotlib_write_report_names_the_extra_and_writes_nothing(monk
 
 # ---------------------------------------------------------------------------- in a browser
 
-CHROMIUM = shutil.which("chromium")
-# Marks the page once everything has loaded: how many images there are and how many did
-# not decode. Added to a copy of the page only; the report itself has no script.
-PROBE = """<script>
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
-  document.body.setAttribute("data-probe", images.length + ":" + broken.length);
-});
-</script>"""
-
-
-def chromium(*arguments: str, profile: Path) -> str:
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",  # tests may run as root in containers
-        "--disable-gpu",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=10000",
-        *arguments,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
-    return done.stdout
-
 
 @pytest.mark.slow
 @needs_matplotlib
@@ -565,13 +533,8 @@ def chromium(*arguments: str, profile: Path) -> str:
 def test_chromium_renders_the_page_with_every_plot_decoded(report_dir, tmp_path):
     from matplotlib.image import imread
 
-    page = (report_dir / "report.html").read_text(encoding="utf-8")
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = chromium("--dump-dom", probed.as_uri(), profile=tmp_path / "profile")
-    found = re.search(r'data-probe="(\d+):(\d+)"', dom)
-    assert found is not None, dom[-2000:]
-    assert (int(found[1]), int(found[2])) == (len(PLOTS), 0)
+    images, broken, _ = rendered_images(report_dir / "report.html", tmp_path / "profile")
+    assert (images, broken) == (len(PLOTS), 0)
 
     screenshot = tmp_path / "page.png"
     chromium(
