@@ -29,11 +29,17 @@ Targets checked at the end:
   ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``; time <= 1.1x it.
 * attention: peak <= 1/8 of the naive (materialised scores) version; time <= 1.5x SDPA.
 * checkpointing: sqrt segments keep >= 4x fewer activation bytes at <= 1.4x step time.
+
+Checkpointed models, 32 blocks each: an MLP (pre-norm residual blocks), PyTorch's
+``nn.TransformerEncoderLayer`` (post-norm, dropout 0.1 everywhere, attention weights
+included), and a GPT-2-style pre-norm block (causal ``F.scaled_dot_product_attention``,
+dropout 0.1 on the residual branches only).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -234,12 +240,44 @@ class MLPBlock(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
+class PreNormBlock(nn.Module):
+    """GPT-2-style pre-norm block: causal self-attention through
+    F.scaled_dot_product_attention and a GELU MLP, dropout on both residual branches and
+    none on the attention weights (the fused attention kernels draw that one themselves)."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+        return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
+
+
 def checkpoint_model(model_name: str, size: dict) -> tuple[nn.Sequential, torch.Tensor]:
     torch.manual_seed(0)
     if model_name == "mlp":
         model = nn.Sequential(*(MLPBlock(size["width"]) for _ in range(size["blocks"])))
         x = torch.randn(size["tokens"], size["width"])
+    elif model_name == "prenorm":
+        model = nn.Sequential(
+            *(PreNormBlock(size["width"], size["heads"], 0.1) for _ in range(size["blocks"]))
+        )
+        x = torch.randn(size["batch"], size["length"], size["width"])
     else:
+        # nn.TransformerEncoderLayer (post-norm) with PyTorch's default dropout, attention
+        # weights included: on CPU that dropout sends attention down the math path.
         layer = lambda: nn.TransformerEncoderLayer(  # noqa: E731
             size["width"], size["heads"], 4 * size["width"], dropout=0.1, batch_first=True
         )
@@ -266,20 +304,61 @@ def checkpoint_case(model_name: str, mode: str, size: dict, device, repeats):
 
     result = measure(run, run, repeats, device)
     result["activation_bytes"] = saved
-    # Recomputation costs forward time: its share of a step bounds the slowdown.
+    if plan is not None:
+        blocks = sum(_blocks_in(name) for name in plan.chosen)
+        result["planned"] = (
+            f"{blocks}/{len(plan.candidates)} blocks in {len(plan.chosen)} regions, {plan.method}"
+        )
+        result["predicted_bytes"] = plan.predicted_bytes
+        result["recompute_bytes"] = plan.recompute_bytes
+    return result
+
+
+def checkpoint_timing_case(model_name: str, size: dict, device, repeats):
+    """Step times of the three modes in one process, one step of each in turn.
+
+    On a shared machine the load drifts over the minutes between two children; steps
+    taken in turn see the same load, so their ratios stay meaningful.
+    """
+    plain, x = checkpoint_model(model_name, size)
+    plain, x = plain.to(device), x.to(device)
+    models = {"none": plain, "sqrt": checkpoint_sequential(copy.deepcopy(plain), "sqrt")}
+    budget = int(activation_memory(plain, x).total_bytes * size["budget"])
+    planned = copy.deepcopy(plain)
+    plan_checkpointing(planned, x, budget_bytes=budget).apply(planned)
+    models["planner"] = planned
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    for model in models.values():
+        step(model)
+    times: dict[str, list[float]] = {mode: [] for mode in models}
     forwards = []
-    for _ in range(repeats):
+    for _ in range(repeats + 2):
+        for mode, model in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(model)
+            _sync(device)
+            times[mode].append(time.perf_counter() - start)
+        # Recomputation costs forward time: its share of a step bounds the slowdown.
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad():
-            model(x)
+            plain(x)
         _sync(device)
         forwards.append(time.perf_counter() - start)
-    result["forward_seconds"] = min(forwards)
-    if plan is not None:
-        result["planned"] = f"{len(plan.chosen)}/{len(plan.candidates)} {plan.method}"
-        result["predicted_bytes"] = plan.predicted_bytes
-    return result
+    return {"step_times": times, "forward_seconds": min(forwards)}
+
+
+def _blocks_in(name: str) -> int:
+    """1 for a module path, ``stop - start`` for a segment ``"[start:stop]"``."""
+    if name.endswith("]"):
+        start, stop = name[name.rindex("[") + 1 : -1].split(":")
+        return int(stop) - int(start)
+    return 1
 
 
 def run_child(spec: dict) -> dict:
@@ -293,6 +372,8 @@ def run_child(spec: dict) -> dict:
         return attention_case(
             spec["method"], *spec["shape"], spec["dtype"], device=device, repeats=repeats
         )
+    if spec["kind"] == "checkpoint-time":
+        return checkpoint_timing_case(spec["model"], spec["size"], device, repeats)
     return checkpoint_case(spec["model"], spec["method"], spec["size"], device, repeats)
 
 
@@ -332,7 +413,11 @@ def build_specs(args) -> list[dict]:
                     }
                 )
     if "checkpoint" in args.only:
-        for model_name, size in (("mlp", mlp), ("transformer", transformer)):
+        for model_name, size in (
+            ("mlp", mlp),
+            ("transformer", transformer),
+            ("prenorm", transformer),
+        ):
             for method in ("none", "sqrt", "planner"):
                 specs.append(
                     {
@@ -344,6 +429,16 @@ def build_specs(args) -> list[dict]:
                         "dtype": "float32",
                     }
                 )
+            specs.append(
+                {
+                    **base,
+                    "kind": "checkpoint-time",
+                    "model": model_name,
+                    "method": "interleaved",
+                    "size": size,
+                    "dtype": "float32",
+                }
+            )
     return specs
 
 
@@ -426,16 +521,24 @@ def report(specs: list[dict], results: dict[tuple, list[dict]], args) -> None:
             f"{'model':<13}{'mode':<9}{'saved MiB':>10}{'peak MiB':>10}{'RSS MiB':>9}"
             f"{'step s':>9}{'saved/none':>11}{'peak/none':>10}{'time/none':>10}  plan"
         )
-        for model_name in ("mlp", "transformer"):
+        for model_name in ("mlp", "transformer", "prenorm"):
+            timing = results[("checkpoint-time", model_name, "float32", "interleaved")]
+
+            def step_seconds(mode, timing=timing):  # the best step taken in turn
+                return min(t for r in timing for t in r["step_times"][mode])
+
             none = ("checkpoint", model_name, "float32", "none")
-            none_saved, none_time = med(none, "activation_bytes"), med(none, "seconds")
+            none_saved, none_time = med(none, "activation_bytes"), step_seconds("none")
             none_peak = med(none, "peak_bytes")
             for mode in ("none", "sqrt", "planner"):
                 k = ("checkpoint", model_name, "float32", mode)
-                saved, seconds = med(k, "activation_bytes"), med(k, "seconds")
+                saved, seconds = med(k, "activation_bytes"), step_seconds(mode)
                 note = results[k][0].get("planned", "")
                 if "predicted_bytes" in results[k][0]:
-                    note += f", predicted {mib(results[k][0]['predicted_bytes'])} MiB"
+                    note += (
+                        f"; predicted {mib(results[k][0]['predicted_bytes'])} MiB, "
+                        f"+{mib(results[k][0]['recompute_bytes'])} MiB recomputed at once"
+                    )
                 peak = med(k, "peak_bytes")
                 print(
                     f"{model_name:<13}{mode:<9}{mib(saved):>10}{mib(peak):>10}"
@@ -445,8 +548,8 @@ def report(specs: list[dict], results: dict[tuple, list[dict]], args) -> None:
                 )
             sqrt = ("checkpoint", model_name, "float32", "sqrt")
             ratio = none_saved / med(sqrt, "activation_bytes")
-            slowdown = med(sqrt, "seconds") / none_time
-            forward_share = min(r["forward_seconds"] for r in results[none]) / none_time
+            slowdown = step_seconds("sqrt") / none_time
+            forward_share = min(r["forward_seconds"] for r in timing) / none_time
             print(
                 f"  targets: sqrt saves >= 4x {verdict(ratio >= 4)} ({ratio:.2f}x), "
                 f"step time <= 1.4x {verdict(slowdown <= 1.4)} ({slowdown:.2f}x); "
@@ -491,6 +594,14 @@ def main() -> None:
         for spec in specs:
             result = run_in_child(spec, args.threads)
             results.setdefault(key(spec), []).append(result)
+            if spec["kind"] == "checkpoint-time":
+                best = ", ".join(f"{m} {min(t):.3f} s" for m, t in result["step_times"].items())
+                print(
+                    f"round {round_index + 1}: {spec['kind']:<10} {spec['model']:<12}"
+                    f"{spec['dtype']:<9} steps in turn: {best}",
+                    flush=True,
+                )
+                continue
             rss = result["rss_peak_bytes"]
             print(
                 f"round {round_index + 1}: {spec['kind']:<10} {spec.get('model', ''):<12}"

@@ -362,7 +362,7 @@ def _cuda_peak(devices: list[torch.device]) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def module_forward_seconds(
+def _module_forward_seconds(
     model: nn.Module,
     paths: list[str],
     args: tuple,
