@@ -8,6 +8,7 @@ each op keeps for its backward.
 import copy
 import io
 import itertools
+import re
 
 import pytest
 import torch
@@ -687,3 +688,17 @@ def test_plan_table_lists_candidates_and_totals():
     text = console.export_text()
     assert "15" in text and "measured" in text and "predicted" in text
     assert text.count("yes") == len(plan.chosen)
+
+
+def test_plan_table_shows_chosen_segments_and_the_blocks_inside_them(unit_seconds):
+    model = sixteen_blocks()
+    plan = plan_checkpointing(model, torch.randn(64, 32), 192 * KIB)
+    console = Console(width=160, record=True)
+    console.print(plan_table(plan))
+    text = console.export_text()
+    for name in plan.chosen:  # six pairs "[i:i+2]"
+        start, stop = (int(b) for b in name[1:-1].split(":"))
+        assert re.search(rf"^\W*{re.escape(name)}\s.*yes", text, re.MULTILINE), name
+        for block in range(start, stop):
+            assert re.search(rf"^\W*{block}\s.*in {re.escape(name)}", text, re.MULTILINE)
+    assert "peak (within budget)" in text

@@ -70,22 +70,50 @@ def activation_table(report: ActivationReport, top: int | None = None) -> Table:
 
 
 def plan_table(plan: CheckpointPlan) -> Table:
-    """Every candidate of ``plan`` with its measured saving and forward time."""
+    """Every candidate of ``plan`` with its measured saving and forward time.
+
+    A chosen segment (``"blocks[2:5]"``) gets its own row, and each block inside it says
+    which segment recomputes it.
+    """
     table = Table(title=f"Checkpoint plan ({plan.method}) for {format_bytes(plan.budget_bytes)}")
     table.add_column("candidate")
     table.add_column("saves", justify="right")
     table.add_column("forward ms", justify="right")
     table.add_column("recompute", justify="center")
     chosen = set(plan.chosen)
+    segments = {cost.path: cost for cost in plan.chosen_costs if "[" in cost.path}
     for candidate in plan.candidates:
+        within = [name for name in segments if _in_segment(candidate.path, name)]
         table.add_row(
             candidate.path,
             format_bytes(max(candidate.saved_bytes, 0)),
             f"{candidate.forward_seconds * 1e3:.3f}",
-            "yes" if candidate.path in chosen else "",
+            "yes" if candidate.path in chosen else (f"in {within[0]}" if within else ""),
+        )
+    for name, cost in segments.items():
+        table.add_row(
+            name, format_bytes(max(cost.saved_bytes, 0)), f"{cost.forward_seconds * 1e3:.3f}", "yes"
         )
     table.add_section()
     table.add_row("without checkpointing", format_bytes(plan.baseline_bytes), "", "")
     table.add_row("predicted", format_bytes(plan.predicted_bytes), "", "")
     table.add_row("measured", format_bytes(plan.measured_bytes), "", "")
+    table.add_row("+ largest recomputation", format_bytes(plan.recompute_bytes), "", "")
+    table.add_row(
+        "peak (within budget)" if plan.fits else "peak (OVER budget)",
+        format_bytes(plan.peak_bytes),
+        "",
+        "",
+    )
     return table
+
+
+def _in_segment(path: str, segment: str) -> bool:
+    """Whether module ``path`` is one of the blocks of ``segment`` (``"parent[i:j]"``)."""
+    parent, _, bounds = segment[:-1].rpartition("[")
+    start, stop = (int(b) for b in bounds.split(":"))
+    prefix = f"{parent}." if parent else ""
+    if not path.startswith(prefix):
+        return False
+    index = path[len(prefix) :].split(".", 1)[0]
+    return index.isdigit() and start <= int(index) < stop
