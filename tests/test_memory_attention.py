@@ -219,6 +219,43 @@ def test_low_precision_within_its_tolerance(dtype):
     assert_matches(ours, ref, 4 * torch.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("case", ["plain", "causal", "softcap", "bool mask", "float mask"])
+def test_bfloat16_products_within_its_tolerance(case):
+    # On CPU, bfloat16 multiplies probabilities and dS in bfloat16 products: every option
+    # of that path, over uneven tiles, against float64.
+    q, k, v = inputs(length=70, keys=53, dim=16, dtype=torch.bfloat16, scale=2.0)
+    g = torch.Generator().manual_seed(3)
+    kwargs, reference = {}, sdpa64
+    if case == "causal":
+        kwargs = dict(causal=True)
+    elif case == "softcap":
+        kwargs = dict(softcap=4.0)
+        reference = lambda *t, **_: softcapped64(*t, 4.0, 1 / math.sqrt(16))  # noqa: E731
+    elif case == "bool mask":
+        kwargs = dict(mask=torch.rand(70, 53, generator=g) > 0.3)
+        kwargs["mask"][:, 0] = True
+    elif case == "float mask":
+        kwargs = dict(mask=torch.randn(70, 53, generator=g, dtype=torch.float64).bfloat16())
+    ours = outputs_and_grads(lambda *t: attention(*t, chunk_size=24, **kwargs), q, k, v)
+    ref = outputs_and_grads(lambda *t: reference(*t, **kwargs), q, k, v)
+    assert all(t.dtype == torch.bfloat16 for t in (ours[0], *ours[1]))
+    assert_matches(ours, ref, 4 * torch.finfo(torch.bfloat16).eps)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_error_is_a_few_roundings(causal):
+    # Scores and dO v^T are float32 products, so the error is the results' own rounding
+    # (about 2**-9.3 root-mean-square relative) plus that of the bfloat16 products and of
+    # the rounded output in D = rowsum(dO * O), about 2**-8 in all (PyTorch's fused
+    # bfloat16 kernel: about 2**-8.5). Bound: 2**-7, the bfloat16 epsilon.
+    q, k, v = inputs(batch=(2,), length=256, dim=64, dtype=torch.bfloat16, scale=1.5)
+    ours = outputs_and_grads(lambda *t: attention(*t, causal=causal, chunk_size=64), q, k, v)
+    ref = outputs_and_grads(lambda *t: sdpa64(*t, causal=causal), q, k, v)
+    for got, want in zip([ours[0], *ours[1]], [ref[0], *ref[1]], strict=True):
+        error = (got.double() - want).square().mean().sqrt()
+        assert error <= 2**-7 * want.square().mean().sqrt()
+
+
 # --------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------

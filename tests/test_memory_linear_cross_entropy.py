@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from finite import ops
 from finite.memory import activation_memory, linear_cross_entropy
@@ -79,13 +80,13 @@ def assert_relative(actual, expected, rtol):
     assert error <= rtol * scale, f"relative error {float(error / scale):.3g} > {rtol}"
 
 
-def compare(dtype, rtol, smoothing, z, cap, reduction, with_bias, chunk_size=8, **kw):
+def compare(dtype, rtol, smoothing, z, cap, reduction, with_bias, chunk_size=8,
+            vocab_chunk_size=None, **kw):  # fmt: skip
     hidden, weight, bias, target = problem(dtype=dtype, **kw)
     options = dict(label_smoothing=smoothing, z_loss=z, softcap=cap)
     fn, ref = (ours, materialised) if with_bias else (ours_no_bias, materialised_no_bias)
-    loss, grads = loss_and_grads(
-        fn, hidden, weight, bias, target, reduction, chunk_size=chunk_size, **options
-    )
+    blocks = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    loss, grads = loss_and_grads(fn, hidden, weight, bias, target, reduction, **blocks, **options)
     ref_loss, ref_grads = loss_and_grads(ref, hidden, weight, bias, target, reduction, **options)
     assert loss.dtype == dtype and loss.shape == ref_loss.shape
     assert_relative(loss, ref_loss, rtol)
@@ -109,6 +110,82 @@ def test_bfloat16_within_bfloat16_tolerance(smoothing, z, cap, reduction, with_b
     # Both sides round the logits to bfloat16; the gradients' products round differently
     # (ours sums float32 block products), so allow a few bfloat16 ulps (2**-8 each).
     compare(torch.bfloat16, 2e-2, smoothing, z, cap, reduction, with_bias)
+
+
+# Vocabulary tiles: 7 classes per tile over a vocabulary of 50 (seven tiles of 7, one
+# of 1), 8 rows per block over 37 rows, with an online log-sum-exp across the tiles.
+
+
+@pytest.mark.parametrize(("smoothing", "z", "cap", "reduction", "with_bias"), OPTIONS)
+def test_vocabulary_tiles_float64_match_materialised(smoothing, z, cap, reduction, with_bias):
+    compare(torch.float64, 1e-12, smoothing, z, cap, reduction, with_bias, vocab_chunk_size=7)
+
+
+@pytest.mark.parametrize(("smoothing", "z", "cap", "reduction", "with_bias"), OPTIONS)
+def test_vocabulary_tiles_float32_match_materialised(smoothing, z, cap, reduction, with_bias):
+    compare(torch.float32, 1e-5, smoothing, z, cap, reduction, with_bias, vocab_chunk_size=7)
+
+
+@pytest.mark.parametrize(("smoothing", "z", "cap", "reduction", "with_bias"), OPTIONS)
+def test_vocabulary_tiles_bfloat16_within_tolerance(smoothing, z, cap, reduction, with_bias):
+    # The hidden gradient sums one rounded bfloat16 product per tile in float32.
+    compare(torch.bfloat16, 2e-2, smoothing, z, cap, reduction, with_bias, vocab_chunk_size=7)
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [1, 13, 49, 50, 1000])
+def test_vocab_chunk_size_does_not_change_the_result(vocab_chunk_size):
+    compare(torch.float64, 1e-12, 0.1, 1e-3, 4.0, "mean", True, chunk_size=5,
+            vocab_chunk_size=vocab_chunk_size)  # fmt: skip
+
+
+def test_vocabulary_tiles_with_large_logits_stay_finite():
+    # Logits of about 1e4, the maximum growing from tile to tile: every rescaling
+    # exp(m - m') must stay <= 1.
+    compare(torch.float32, 1e-5, 0.1, 1e-4, None, "mean", True, vocab_chunk_size=6, scale=3e3)
+
+
+def test_vocabulary_tiles_with_target_logit_far_below_the_rest():
+    # Each target is its row's smallest logit: log p_t lies between -370 and -190, so
+    # p_t underflows float32; the loss comes from x_t - m in float64 and the target's
+    # gradient is p_t - 1 = -1.
+    hidden, weight, _, target = problem(dtype=torch.float64, scale=30.0)
+    target = torch.where(target == -100, -100, (hidden @ weight.T).argmin(dim=-1))
+    h32 = hidden.float().requires_grad_()
+    loss = linear_cross_entropy(h32, weight.float(), target, chunk_size=8, vocab_chunk_size=9)
+    loss.backward()
+    h64 = hidden.clone().requires_grad_()
+    expected = ops.cross_entropy(h64 @ weight.T, target)
+    expected.backward()
+    assert_relative(loss, expected, 1e-5)
+    assert_relative(h32.grad, h64.grad, 1e-5)
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [7, 1])
+def test_all_ignored_gives_zero_loss_and_zero_gradients_on_tiles(vocab_chunk_size):
+    hidden, weight, bias, _ = problem()
+    target = torch.full((hidden.shape[0],), -100)
+    loss, grads = loss_and_grads(
+        ours, hidden, weight, bias, target, "mean", z_loss=1e-2, vocab_chunk_size=vocab_chunk_size
+    )
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_empty_batch_on_tiles_gives_zero():
+    hidden, weight, bias, target = problem(rows=0)
+    loss, grads = loss_and_grads(ours, hidden, weight, bias, target, "mean", vocab_chunk_size=7)
+    assert loss.item() == 0.0
+    assert grads[0].shape == (0, 16)
+    assert torch.count_nonzero(grads[1]) == 0
+
+
+def test_second_backward_on_tiles_recomputes():
+    hidden, weight, bias, target = problem(dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(h, weight, target, bias=bias, chunk_size=8, vocab_chunk_size=7)
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 3, h)
+    torch.testing.assert_close(second, 3 * first, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -226,6 +303,77 @@ def test_materialised_path_keeps_the_logits():
     assert max(s.nbytes for s in report.storages) >= rows * vocab * 4
 
 
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns, leaving out given shapes."""
+
+    def __init__(self, *skip_shapes):
+        super().__init__()
+        self.skip = {torch.Size(shape) for shape in skip_shapes}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.shape not in self.skip:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_tile(rows, features, vocab, dtype=torch.float32, **blocks):
+    """Largest tensor of forward + backward, besides the inputs' and gradients' shapes."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, features, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, features, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=g).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    with LargestTensor((rows, features), (vocab, features)) as mode:
+        loss = linear_cross_entropy(hidden, weight, target, bias=bias, softcap=5.0, **blocks)
+        loss.backward()
+    return mode.largest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_tiles_bound_every_tensor_by_the_tile(dtype):
+    # 64 x 100 logits per tile: no tensor of forward or backward is larger (the vocabulary
+    # itself, bias and its gradient, has 2000 entries).
+    assert largest_tile(256, 8, 2000, dtype, chunk_size=64, vocab_chunk_size=100) == 64 * 100
+
+
+def test_full_vocabulary_blocks_hold_rows_by_vocabulary():
+    # The counterpart of the test above, so that its bound can fail.
+    assert largest_tile(256, 8, 2000, chunk_size=64) == 64 * 2000
+
+
+def test_default_tiles_the_vocabulary_when_row_blocks_would_be_thin():
+    # 2048 rows x 4 features against 8192 classes: a full-vocabulary block as large as
+    # hidden would have one row; the default tiles 1024 rows x 2048 classes instead.
+    rows, vocab = 2048, 8192
+    largest = largest_tile(rows, 4, vocab)
+    assert largest == 1024 * 2048 < rows * vocab
+
+
+@pytest.mark.parametrize(
+    ("vocab_chunk_size", "reduction"), [(None, "none"), (7, "none"), (7, "mean")]
+)
+def test_saved_tensors_are_inputs_and_per_row_numbers(vocab_chunk_size, reduction):
+    # Full-vocabulary blocks with "mean" save the gradients instead (tested above).
+    hidden, weight, bias, target = problem(rows=64, vocab=300)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear_cross_entropy(h, w, target, bias=b, reduction=reduction,
+                             chunk_size=16, vocab_chunk_size=vocab_chunk_size)  # fmt: skip
+    inputs = {t.untyped_storage().data_ptr() for t in (h, w, b)}
+    others = [t for t in saved if t.untyped_storage().data_ptr() not in inputs]
+    assert len(others) < len(saved)
+    assert all(t.numel() <= 64 for t in others)
+
+
 # --------------------------------------------------------------------------------------
 # random shapes
 # --------------------------------------------------------------------------------------
@@ -260,6 +408,40 @@ def test_random_shapes_match_materialised(rows, features, vocab, chunk, smoothin
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 30),
+    features=st.integers(1, 6),
+    vocab=st.integers(1, 40),
+    chunk=st.integers(1, 40),
+    vocab_chunk=st.integers(1, 45),
+    smoothing=st.sampled_from([0.0, 0.3]),
+    cap=st.sampled_from([None, 2.0]),
+    reduction=st.sampled_from(["mean", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_vocabulary_tiles_match_materialised(
+    rows, features, vocab, chunk, vocab_chunk, smoothing, cap, reduction, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, features, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, features, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    if rows:
+        target[torch.rand(rows, generator=g) < 0.3] = -100
+    options = dict(label_smoothing=smoothing, softcap=cap, z_loss=1e-3)
+    blocks = dict(chunk_size=chunk, vocab_chunk_size=vocab_chunk)
+    loss, grads = loss_and_grads(ours, hidden, weight, bias, target, reduction,
+                                 **blocks, **options)  # fmt: skip
+    ref_loss, ref_grads = loss_and_grads(
+        materialised, hidden, weight, bias, target, reduction, **options
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------
@@ -286,6 +468,8 @@ H, W, T = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 4])
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(chunk_size=0), ValueError, "chunk_size must be >= 1, got 0"),
         (dict(chunk_size=2.5), TypeError, "chunk_size must be an int or None, got float"),
+        (dict(vocab_chunk_size=0), ValueError, "vocab_chunk_size must be >= 1, got 0"),
+        (dict(vocab_chunk_size=True), TypeError, "vocab_chunk_size must be an int or None"),
         (dict(ignore_index=1.0), TypeError, "ignore_index must be an int, got float"),
     ],
 )
