@@ -16,14 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from finite.memory import activation_memory, attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which stalls on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(batch=(2, 3), length=37, keys=None, dim=8, value_dim=None, dtype=torch.float64,

@@ -18,14 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from finite import ops
 from finite.memory import activation_memory, linear_cross_entropy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which stalls on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OPTIONS = list(

@@ -670,6 +670,15 @@ def _recompute_bytes(chosen: list[_Interval]) -> int:
 _State = tuple[int, float, tuple[_Interval, ...], int]  # capped saving, time, chosen, saving
 
 
+def _ending_at(members: list[_Interval], cap: int) -> dict[int, list[_Interval]]:
+    """The useful intervals of one chain that recompute at most ``cap`` bytes, by stop."""
+    ending: dict[int, list[_Interval]] = {}
+    for i in members:
+        if i.saved_bytes > 0 and i.recompute_bytes <= cap:
+            ending.setdefault(i.stop, []).append(i)
+    return ending
+
+
 def _by_chain(intervals: list[_Interval]) -> dict[int, list[_Interval]]:
     chains: dict[int, list[_Interval]] = {}
     for interval in intervals:
@@ -706,10 +715,7 @@ def _solve_exact(intervals: list[_Interval], need: int) -> list[_Interval] | Non
         front: list[_State] = [(0, 0.0, (), 0)]
         for members in chains.values():
             length = max(i.stop for i in members)
-            ending: dict[int, list[_Interval]] = {}
-            for i in members:
-                if i.saved_bytes > 0 and i.recompute_bytes <= cap:
-                    ending.setdefault(i.stop, []).append(i)
+            ending = _ending_at(members, cap)
             fronts = [front]
             for stop in range(1, length + 1):
                 states = list(fronts[stop - 1])
@@ -797,10 +803,7 @@ def _floor(intervals: list[_Interval], baseline: int) -> list[_Interval]:
         chosen: list[_Interval] = []
         for members in chains.values():
             length = max(i.stop for i in members)
-            ending: dict[int, list[_Interval]] = {}
-            for i in members:
-                if i.saved_bytes > 0 and i.recompute_bytes <= cap:
-                    ending.setdefault(i.stop, []).append(i)
+            ending = _ending_at(members, cap)
             most: list[tuple[int, tuple[_Interval, ...]]] = [(0, ())]
             for stop in range(1, length + 1):
                 candidate = most[stop - 1]
