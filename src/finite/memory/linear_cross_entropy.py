@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -335,6 +336,35 @@ def _target_in_block(target, block):
     return local.clamp(0, block.stop - block.start - 1), inside
 
 
+class _Layout(NamedTuple):
+    """Sizes and dtypes every chunked pass starts from."""
+
+    rows: int
+    vocab: int
+    dtype: torch.dtype  # the inputs'
+    wide: torch.dtype  # the compute dtype: float32 for float16/bfloat16
+    low: bool  # dtype is narrower than wide
+    mixed_product: bool  # CUDA forms low-precision products with float32 results directly
+    device: torch.device
+    chunk: int  # rows per block
+
+
+def _layout(hidden: torch.Tensor, weight: torch.Tensor, options: _Options) -> _Layout:
+    rows, dtype = hidden.shape[0], hidden.dtype
+    wide = compute_dtype(dtype)
+    low = dtype != wide
+    return _Layout(
+        rows,
+        weight.shape[0],
+        dtype,
+        wide,
+        low,
+        low and hidden.is_cuda,
+        hidden.device,
+        max(1, min(options.chunk, rows)),
+    )
+
+
 def _tiled_losses(hidden, weight, bias, target, valid, options):
     """Per-row losses (float64) over ``(chunk, vocab_chunk)`` tiles of logits.
 
@@ -345,14 +375,8 @@ def _tiled_losses(hidden, weight, bias, target, valid, options):
     smoothing, the logits' sum is accumulated in float64. Returns the losses and, for the
     backward, ``(m, s, log p_target)`` per row: O(rows).
     """
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    dtype = hidden.dtype
-    wide = compute_dtype(dtype)
-    low = dtype != wide
-    mixed_product = low and hidden.is_cuda
-    device = hidden.device
+    rows, vocab, dtype, wide, low, mixed_product, device, chunk = _layout(hidden, weight, options)
     smoothing, z, cap = options.smoothing, options.z, options.cap
-    chunk = max(1, min(options.chunk, rows))
     vocab_blocks = _blocks(vocab, options.vocab_chunk)
     width = vocab_blocks[0].stop
     tile = torch.empty(chunk * width, dtype=wide, device=device)
@@ -403,15 +427,10 @@ def _tiled_grads(hidden, weight, bias, target, valid, options, row_grad, stats, 
     """Gradients of ``hidden``, ``weight`` and ``bias`` tile by tile (``None`` where not
     needed), from the forward's per-row statistics: each tile's logits are recomputed
     and turned into their gradient, which goes into the three products at once."""
-    rows, features, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
-    dtype = hidden.dtype
-    wide = compute_dtype(dtype)
-    low = dtype != wide
-    mixed_product = low and hidden.is_cuda
-    device = hidden.device
+    rows, vocab, dtype, wide, low, mixed_product, device, chunk = _layout(hidden, weight, options)
+    features = hidden.shape[1]
     smoothing, z, cap = options.smoothing, options.z, options.cap
     shifts, sums, log_p_target = stats
-    chunk = max(1, min(options.chunk, rows))
     vocab_blocks = _blocks(vocab, options.vocab_chunk)
     width = vocab_blocks[0].stop
     tile = torch.empty(chunk * width, dtype=wide, device=device)
@@ -517,14 +536,7 @@ def _chunked(hidden, weight, bias, target, valid, options, row_grad, needs):
     ``(losses, (grad_hidden, grad_weight, grad_bias))`` with ``None`` where not needed.
     Every block reuses the same buffers, so the allocator sees no churn.
     """
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    dtype = hidden.dtype
-    wide = compute_dtype(dtype)
-    low = dtype != wide
-    # CUDA forms low-precision products with float32 results directly.
-    mixed_product = low and hidden.is_cuda
-    device = hidden.device
-    chunk = max(1, min(options.chunk, rows))
+    rows, vocab, dtype, wide, low, mixed_product, device, chunk = _layout(hidden, weight, options)
     tile = torch.empty(chunk, vocab, dtype=wide, device=device)
     narrow = torch.empty(chunk, vocab, dtype=dtype, device=device) if low else None
     tanh = torch.empty_like(tile) if options.cap is not None else None
