@@ -526,12 +526,7 @@ def _as_selection(
     if isinstance(targets, type) or types or callable(targets):
         return _as_predicate(model, targets), []
     if isinstance(targets, Iterable):
-        items = list(targets)
-        if not all(isinstance(p, str) for p in items):
-            raise TypeError(
-                "targets must be module types, module paths (str) or a predicate; got an "
-                f"iterable holding {sorted({type(p).__name__ for p in items})}"
-            )
+        items = _paths(targets)
         modules = dict(model.named_modules())
         segments, paths = [], []
         for item in items:
@@ -545,6 +540,17 @@ def _as_selection(
                 raise ValueError(f"segments {a.name!r} and {b.name!r} overlap")
         return _as_predicate(model, paths), segments
     return _as_predicate(model, targets), []
+
+
+def _paths(targets: Iterable[object]) -> list[str]:
+    """``targets`` as a list of module paths; TypeError naming what else it holds."""
+    items = list(targets)
+    if not all(isinstance(p, str) for p in items):
+        raise TypeError(
+            "targets must be module types, module paths (str) or a predicate; got an "
+            f"iterable holding {sorted({type(p).__name__ for p in items})}"
+        )
+    return items  # type: ignore[return-value]
 
 
 def _as_predicate(model: nn.Module, targets: object) -> Callable[[str, nn.Module], bool]:
@@ -561,12 +567,7 @@ def _as_predicate(model: nn.Module, targets: object) -> Callable[[str, nn.Module
     if callable(targets):
         return targets  # type: ignore[return-value]
     if isinstance(targets, Iterable):
-        paths = list(targets)
-        if not all(isinstance(p, str) for p in paths):
-            raise TypeError(
-                "targets must be module types, module paths (str) or a predicate; got an "
-                f"iterable holding {sorted({type(p).__name__ for p in paths})}"
-            )
+        paths = _paths(targets)
         known = {path for path, _ in model.named_modules()}
         missing = [p for p in paths if p not in known]
         if missing:
