@@ -431,3 +431,31 @@ def test_an_optimizer_over_master_weights_is_monitored_without_update_statistics
         steps = monitor.history.steps
     assert list(steps["step"]) == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(steps["loss"])))
+
+
+class _AutocastInside(nn.Module):
+    """Turns autocast on inside its own forward, as accelerate's wrapped forward does."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.layer(x)
+
+
+def test_format_follows_autocast_turned_on_inside_the_models_forward():
+    model = _AutocastInside()
+    with Monitor(model, sync_every=1) as monitor:
+        model(torch.randn(2, 4)).float().sum().backward()
+        monitor.step()
+        assert monitor.format.name == "bfloat16"
+
+
+def test_explicit_precision_is_kept_under_autocast_inside_the_forward():
+    model = _AutocastInside()
+    with Monitor(model, precision="float16", sync_every=1) as monitor:
+        model(torch.randn(2, 4)).float().sum().backward()
+        monitor.step()
+        assert monitor.format.name == "float16"

@@ -390,6 +390,9 @@ class Monitor:
         self._bins: HistogramBins | None = None
         self._thresholds: dict[torch.dtype, UnderflowThresholds] = {}
         self._history = History()
+        # Without a precision, autocast turned on inside the model's forward (as
+        # accelerate does) is looked for until the first step ends.
+        self._autocast_pending = precision is None
         if precision is not None:
             self._set_format(get_format(precision))
         self._tensorboard = (
@@ -597,6 +600,7 @@ class Monitor:
         self._trace = self._new_trace()
         if self._format is None and state_dict.get("format"):
             self._set_format(get_format(state_dict["format"]))
+            self._autocast_pending = False  # the saved run's format stands
         self._resumed = True
 
     # ------------------------------------------------------------------ steps
@@ -657,6 +661,7 @@ class Monitor:
         return torch.stack([f.detach().to(device, torch.float32).reshape(()) for f in flags]).sum()
 
     def _end_step(self, by_optimizer: bool) -> None:
+        self._autocast_pending = False
         trace = self._trace
         skipped = getattr(self._scaler, "skipped_steps", None)
         if trace.skipped_before is not None and isinstance(skipped, int):
@@ -720,17 +725,38 @@ class Monitor:
         }
         self._history = History(fmt.name, self._bins)
 
-    def _resolve_format(self, inputs: list[torch.Tensor]) -> None:
+    def _autocast_dtype(self, inputs: list[torch.Tensor]) -> torch.dtype | None:
+        """The autocast dtype of the parameters' (or inputs') device, if autocast is on."""
         params = [p for _, p in self._params if p.is_floating_point()]
         device = params[0].device if params else inputs[0].device if inputs else None
         device_type = device.type if device is not None else "cpu"
-        dtype = None
         try:
             if torch.is_autocast_enabled(device_type):
-                dtype = torch.get_autocast_dtype(device_type)
+                return torch.get_autocast_dtype(device_type)
         except (TypeError, RuntimeError):  # device types without autocast
-            dtype = None
-        if dtype is None:
+            pass
+        return None
+
+    def _adopt_autocast(self) -> None:
+        """Measure against the autocast dtype when the model turned autocast on inside
+        its own forward, after the root's call chose the parameters' dtype."""
+        dtype = self._autocast_dtype([])
+        if dtype is None or self._format is None:
+            return
+        self._autocast_pending = False
+        try:
+            fmt = get_format(dtype)
+        except ValueError:
+            return
+        if fmt.name != self._format.name:
+            self._set_format(fmt)
+
+    def _resolve_format(self, inputs: list[torch.Tensor]) -> None:
+        params = [p for _, p in self._params if p.is_floating_point()]
+        dtype = self._autocast_dtype(inputs)
+        if dtype is not None:
+            self._autocast_pending = False
+        else:
             dtypes = {p.dtype for p in params} or {torch.float32}
             dtype = min(dtypes, key=lambda d: (torch.finfo(d).bits, torch.finfo(d).max))
         try:
@@ -777,6 +803,8 @@ class Monitor:
         root = not self._stack
         if root:
             self._forward_started(inputs)
+        elif self._autocast_pending:
+            self._adopt_autocast()
         slots = tuple(dict.fromkeys(self._slot(t, None, ranged=root) for t in inputs))
         if root:
             trace = self._trace
