@@ -30,6 +30,7 @@ from finite.lab import (
     vanishing_sigmoid,
     zero_variance_norm,
 )
+from finite.lab._training import regression_batches
 
 #: Scenarios that take more than a few seconds (the whole lab in the suite stays within a
 #: minute on two cores).
@@ -231,6 +232,34 @@ def test_pure_bfloat16_rounds_small_updates_away_and_kahan_compensation_keeps_th
     broken = bf16_swamping.train(False).model[0].weight.detach()
     fixed = bf16_swamping.train(True).model[0].weight.detach()
     assert changed_fraction(fixed, initial) > 2 * changed_fraction(broken, initial)
+
+
+def float32_reference_losses():
+    """The bf16-swamping run with float32 weights and plain AdamW, written here in PyTorch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+    ).to(torch.bfloat16)
+    model.float()  # the same bfloat16-rounded initial weights, trained in float32
+    optimizer = torch.optim.AdamW(model.parameters(), lr=bf16_swamping.LR)
+    batches = regression_batches(64, 16, lambda x, w: torch.sin(x @ w))
+    out = []
+    for i in range(bf16_swamping.STEPS):
+        x, y = batches(i)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(loss.item())
+    return np.asarray(out)
+
+
+def test_kahan_bfloat16_follows_float32_and_plain_bfloat16_stalls_above_it():
+    reference = float32_reference_losses()[-20:].mean()
+    broken = losses(bf16_swamping.train(False))[-20:].mean()
+    fixed = losses(bf16_swamping.train(True))[-20:].mean()
+    assert fixed == pytest.approx(reference, rel=0.01)
+    assert broken > 1.1 * reference
 
 
 def test_unscaled_attention_scores_pass_float16_max_and_scaled_ones_stay_below_it():
