@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -56,16 +58,65 @@ def character_entropy() -> float:
 # ---------------------------------------------------------------------- the command
 
 
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+# Imported at start-up from PYTHONPATH: the packages that only the extras install cannot
+# be imported, as on a fresh `pip install -e .` (the README's main-job command).
+BLOCKER = """
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class OnlyBaseDependencies:
+    # Wraps each finder: a blocked package is found by none of them, so it is missing to
+    # `import` and to importlib.util.find_spec alike.
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attribute):
+        return getattr(self.finder, attribute)
+
+
+sys.meta_path[:] = [OnlyBaseDependencies(finder) for finder in sys.meta_path]
+"""
+
+
+def extras_only_packages() -> set[str]:
+    """Import names of the packages the extras add to the base dependencies."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("-", "_")
+
+    base = {name(r) for r in project["dependencies"]}
+    extras = {name(r) for group in project["optional-dependencies"].values() for r in group}
+    return extras - base - {"finite"}
+
+
 # One run of the command (about 10 s of CPU) serves every test that reads it; those tests
-# are marked slow.
+# are marked slow. It runs with the base dependencies only.
 @pytest.fixture(scope="module")
 def example(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp_path_factory.mktemp("doctor") / "report"
+    root = tmp_path_factory.mktemp("doctor")
+    site = root / "site"
+    site.mkdir()
+    blocked = extras_only_packages()
+    assert {"pytest", "hypothesis", "scipy"} <= blocked
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=sorted(blocked)))
+    out = root / "report"
     run = subprocess.run(
         [sys.executable, "-m", "finite", "doctor", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,
+        env={**os.environ, "PYTHONPATH": str(site)},
     )
     return run, out
 
