@@ -367,6 +367,15 @@ def test_vanishing_gradients_notes_subnormal_early_gradients_in_float16():
     }
     finding = R.vanishing_gradients(make_history(fmt="float16", params=params), context("float16"))
     assert any("smallest normal" in e.text for e in finding.evidence)
+    # Unscaled float16: the format, not the depth, is the likelier cause.
+    assert "flush to zero" in finding.cause
+    assert finding.fix.startswith("Scale the loss")
+
+
+def test_vanishing_gradients_in_float32_blames_depth_not_the_format():
+    finding = R.vanishing_gradients(make_history(params=_vanishing_params(1e-4)), context())
+    assert "Jacobian" in finding.cause
+    assert finding.fix.startswith("Use ReLU-family")
 
 
 def _underflowing(under, sub):

@@ -33,6 +33,9 @@ __all__ = [
     "vanishing_gradients",
 ]
 
+#: float32's smallest normal number: formats with a larger one underflow where it does not.
+FLOAT32_MIN_NORMAL = 2.0**-126
+
 #: A gradient norm this many times the median of the (at least 5) steps before it is a
 #: spike ...
 SPIKE_FACTOR = 10.0
@@ -276,8 +279,7 @@ def vanishing_gradients(history: History, context: Context) -> Finding | None:
             plot="grad_norm_heatmap",
         ),
         Evidence(
-            f"the gradient shrinks about {num(1 / per_layer)}x per layer over "
-            f"{len(layers)} layers"
+            f"the gradient shrinks about {num(1 / per_layer)}x per layer over {len(layers)} layers"
             if per_layer
             else f"{first}'s gradient is exactly zero on most measured steps",
             step=step,
@@ -286,7 +288,7 @@ def vanishing_gradients(history: History, context: Context) -> Finding | None:
         ),
     ]
     fmt = context.format
-    if fmt is not None and 0 < rms_first < fmt.min_normal:
+    if fmt is not None and rms_first < fmt.min_normal:
         evidence.append(
             Evidence(
                 f"early-layer gradients ({num(rms_first)}) are below {fmt.name}'s smallest "
@@ -296,6 +298,15 @@ def vanishing_gradients(history: History, context: Context) -> Finding | None:
                 plot="histograms",
             )
         )
+    # In a format with less range than float32 and no loss scaling, the likelier cause is
+    # the format: the gradients flushed to zero on their way down, whatever the layers do.
+    unscaled = math.isnan(median(step_rows(history)["loss_scale"]))
+    underflow = (
+        fmt is not None
+        and fmt.min_normal > FLOAT32_MIN_NORMAL
+        and rms_first < fmt.min_normal
+        and unscaled
+    )
     saturated = _saturated_modules(history)
     if saturated:
         evidence.append(
@@ -316,14 +327,23 @@ def vanishing_gradients(history: History, context: Context) -> Finding | None:
         ),
         evidence=tuple(evidence),
         cause=(
-            "Backpropagation multiplies the gradient by every layer's Jacobian; sigmoid "
-            "(derivative at most 0.25), saturated tanh and too-small weights shrink it "
-            "geometrically with depth, so the early layers barely learn."
+            f"The early layers' gradients are below {fmt.name}'s smallest normal number "
+            "and no loss scaling is in use: they flush to zero in the backward pass (see "
+            "fp16_gradient_underflow), so the depth of the model need not be the cause."
+            if underflow and fmt is not None
+            else "Backpropagation multiplies the gradient by every layer's Jacobian; "
+            "sigmoid (derivative at most 0.25), saturated tanh and too-small weights "
+            "shrink it geometrically with depth, so the early layers barely learn."
         ),
         fix=(
-            "Use ReLU-family activations (ReLU, GELU, SiLU) with He/Kaiming initialisation, "
-            "add normalisation (LayerNorm/BatchNorm) and residual connections; for "
-            "recurrent nets use LSTM/GRU cells."
+            "Scale the loss first (finite.LossScaler; the fp16_gradient_underflow finding "
+            "quotes a scale). If the early layers still get orders of magnitude less "
+            "gradient with scaling, use ReLU-family activations with He/Kaiming "
+            "initialisation, normalisation and residual connections."
+            if underflow
+            else "Use ReLU-family activations (ReLU, GELU, SiLU) with He/Kaiming "
+            "initialisation, add normalisation (LayerNorm/BatchNorm) and residual "
+            "connections; for recurrent nets use LSTM/GRU cells."
         ),
         references=(
             "S. Hochreiter, Y. Bengio, P. Frasconi, J. Schmidhuber, 'Gradient flow in "
