@@ -198,14 +198,15 @@ class StableStep:
         _require_instance(monitor, Monitor, "monitor", "a finite.Monitor")
         _require_instance(master_weights, MasterWeights, "master_weights", "finite.MasterWeights")
         if clip is not None and not isinstance(clip, _CLIPPERS):
-            if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+            # int/float listed too: mypy does not count them as numbers.Real.
+            if isinstance(clip, bool) or not isinstance(clip, (int, float, numbers.Real)):
                 raise TypeError(
                     "clip must be a float, a ZClip, an AutoClip, an AGC or None, "
                     f"got {type(clip).__name__}"
                 )
             clip = check_max(clip, "clip")
         if isinstance(accumulation_steps, bool) or not isinstance(
-            accumulation_steps, numbers.Integral
+            accumulation_steps, (int, numbers.Integral)
         ):
             raise TypeError(
                 f"accumulation_steps must be an int, got {type(accumulation_steps).__name__}"

@@ -40,7 +40,7 @@ def classification_batches(batch: int, dim: int, classes: int) -> Callable[[int]
     return batches
 
 
-def monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs) -> Monitor:
+def monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, **kwargs) -> Monitor:
     """A Monitor as the lab uses it: statistics every step, no histograms, no files."""
     kwargs.setdefault("histograms_every", 0)
     kwargs.setdefault("sync_every", 50)

@@ -34,9 +34,8 @@ LR = 3e-5
 def train(fixed: bool) -> Monitor:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1)).to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    if fixed:
-        optimizer = compensated(optimizer, "kahan")
+    plain = torch.optim.AdamW(model.parameters(), lr=LR)
+    optimizer = compensated(plain, "kahan") if fixed else plain
     batches = regression_batches(64, 16, lambda x, w: torch.sin(x @ w))
     with monitor(model, optimizer, every=5) as mon:
         step = StableStep(model, optimizer, monitor=mon) if fixed else None

@@ -83,7 +83,7 @@ def train(fixed: bool) -> Monitor:
                     master.accumulate_grads_()  # ... or into float32; .grad is cleared
                 window_loss += loss.detach()
             # The mean over the window's examples, formed after the sum.
-            torch._foreach_div_([p.grad for p in params], examples)
+            torch._foreach_div_([p.grad for p in params if p.grad is not None], examples)
             optimizer.step()
             optimizer.zero_grad()
             if master is not None:
