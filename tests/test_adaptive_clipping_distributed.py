@@ -7,18 +7,16 @@ whole model would be in a single process.
 from __future__ import annotations
 
 import math
-import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from finite.clipping.agc import AGC
 from finite.clipping.autoclip import AutoClip
 from finite.clipping.spike_guard import SpikeGuard
 from finite.clipping.zclip import ZClip
+from gloo_ranks import run_on_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -107,53 +105,38 @@ def fsdp_model():
     return model
 
 
-def worker(rank: int, init_file: str, result_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
+def checks(rank: int) -> dict:
+    """This rank's results, run inside the gloo group."""
+    out: dict[str, object] = {}
+    for name in clippers():
+        if rank == 0:  # the reference: a single process on the whole batch
+            out[f"reference_{name}"] = run(make_model(), clippers()[name], rank=0, world=1)
+        out[f"fsdp_{name}"] = run(fsdp_model(), clippers()[name], rank, WORLD_SIZE)
+        ddp = torch.nn.parallel.DistributedDataParallel(make_model())
+        out[f"ddp_{name}"] = run(ddp.module, clippers()[name], rank, WORLD_SIZE, forward=ddp)
+
+    # A non-finite gradient on rank 1 only, in a sharded model.
+    out["poisoned_zclip"] = run(
+        fsdp_model(), ZClip(warmup_steps=4), rank, WORLD_SIZE, poisoned_step=6, poisoned_rank=1
     )
-    try:
-        out: dict[str, object] = {}
-        for name in clippers():
-            if rank == 0:  # the reference: a single process on the whole batch
-                out[f"reference_{name}"] = run(make_model(), clippers()[name], rank=0, world=1)
-            out[f"fsdp_{name}"] = run(fsdp_model(), clippers()[name], rank, WORLD_SIZE)
-            ddp = torch.nn.parallel.DistributedDataParallel(make_model())
-            out[f"ddp_{name}"] = run(ddp.module, clippers()[name], rank, WORLD_SIZE, forward=ddp)
 
-        # A non-finite gradient on rank 1 only, in a sharded model.
-        out["poisoned_zclip"] = run(
-            fsdp_model(), ZClip(warmup_steps=4), rank, WORLD_SIZE, poisoned_step=6, poisoned_rank=1
-        )
-
-        # SpikeGuard on the sharded run's global gradient norms, and on its per-rank losses
-        # averaged by the guard itself.
-        results, _, losses = out["fsdp_zclip"]
-        norm_guard = SpikeGuard("grad_norm", sigma=3.0, window=8, min_history=4)
-        loss_guard = SpikeGuard(
-            "loss", sigma=3.0, window=8, min_history=4, process_group=dist.group.WORLD
-        )
-        out["norm_flags"] = torch.stack([norm_guard(norm) for norm, _, _ in results])
-        out["loss_flags"] = torch.stack([loss_guard(loss) for loss in losses])
-        out["losses"] = torch.stack(losses)
-        torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # SpikeGuard on the sharded run's global gradient norms, and on its per-rank losses
+    # averaged by the guard itself.
+    results, _, losses = out["fsdp_zclip"]
+    norm_guard = SpikeGuard("grad_norm", sigma=3.0, window=8, min_history=4)
+    loss_guard = SpikeGuard(
+        "loss", sigma=3.0, window=8, min_history=4, process_group=dist.group.WORLD
+    )
+    out["norm_flags"] = torch.stack([norm_guard(norm) for norm, _, _ in results])
+    out["loss_flags"] = torch.stack([loss_guard(loss) for loss in losses])
+    out["losses"] = torch.stack(losses)
+    return out
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     directory = tmp_path_factory.mktemp("adaptive_clipping_distributed")
-    mp.spawn(
-        worker,
-        args=(str(directory / "init"), str(directory)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return run_on_ranks(checks, directory, world_size=WORLD_SIZE, timeout_s=60, weights_only=False)
 
 
 def assert_identical(a, b):

@@ -7,16 +7,14 @@ clip_grad_norm_ on the full model and the full batch.
 from __future__ import annotations
 
 import math
-import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from finite.clipping import clip_grad_norm_, total_norm
 from finite.scaling import LossScaler
+from gloo_ranks import run_on_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -165,31 +163,16 @@ def disjoint_checks(rank):
     return results
 
 
-def worker(rank: int, init_file: str, result_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=30),
-    )
-    try:
-        results = {**ddp_checks(rank), **fsdp_checks(rank), **disjoint_checks(rank)}
-        torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def checks(rank: int) -> dict:
+    """This rank's results, run inside the gloo group."""
+    results = {**ddp_checks(rank), **fsdp_checks(rank), **disjoint_checks(rank)}
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     directory = tmp_path_factory.mktemp("clipping_distributed")
-    mp.spawn(
-        worker,
-        args=(str(directory / "init"), str(directory)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    return [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return run_on_ranks(checks, directory, world_size=WORLD_SIZE)
 
 
 # ----------------------------------------------------------------------------- references

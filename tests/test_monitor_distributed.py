@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from finite.monitor import Monitor
+from gloo_ranks import run_on_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -20,59 +20,43 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
 ]
 
-WORLD_SIZE = 2
 STEPS = 3
 
 
-def worker(rank: int, init_file: str, result_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=30),
-    )
-    try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        losses = []
-        with Monitor(model, optimizer, log_dir=os.path.join(result_dir, "logs")) as monitor:
-            for step in range(STEPS):
-                x = torch.full((4, 3), float(rank + 1))  # each rank its own shard
-                if rank == 1 and step == 1:
-                    x[0, 0] = math.nan
-                loss = model(x).square().mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                monitor.step(loss)
-                losses.append(loss.item())
-            gathered = monitor.gather()
-            results = {"rank": monitor.rank, "losses": losses}
-            if gathered is not None:
-                results["ranks"] = gathered.steps["rank"].tolist()
-                results["steps"] = gathered.steps["step"].tolist()
-                results["gathered_losses"] = gathered.steps["loss"].tolist()
-                results["module_ranks"] = sorted(set(gathered.modules["rank"].tolist()))
-                results["events"] = [(e.rank, e.step, e.phase) for e in gathered.events]
-            results["gathered_is_none"] = gathered is None
-        torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def checks(rank: int, result_dir: str) -> dict:
+    """This rank's results, run inside the gloo group."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    with Monitor(model, optimizer, log_dir=os.path.join(result_dir, "logs")) as monitor:
+        for step in range(STEPS):
+            x = torch.full((4, 3), float(rank + 1))  # each rank its own shard
+            if rank == 1 and step == 1:
+                x[0, 0] = math.nan
+            loss = model(x).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.step(loss)
+            losses.append(loss.item())
+        gathered = monitor.gather()
+        results = {"rank": monitor.rank, "losses": losses}
+        if gathered is not None:
+            results["ranks"] = gathered.steps["rank"].tolist()
+            results["steps"] = gathered.steps["step"].tolist()
+            results["gathered_losses"] = gathered.steps["loss"].tolist()
+            results["module_ranks"] = sorted(set(gathered.modules["rank"].tolist()))
+            results["events"] = [(e.rank, e.step, e.phase) for e in gathered.events]
+        results["gathered_is_none"] = gathered is None
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     directory = tmp_path_factory.mktemp("monitor_distributed")
-    mp.spawn(
-        worker,
-        args=(str(directory / "init"), str(directory)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    results = [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    results = run_on_ranks(functools.partial(checks, result_dir=str(directory)), directory)
     return results, directory
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from finite.scaling import LossScaler
+from gloo_ranks import run_on_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -20,7 +18,6 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
 ]
 
-WORLD_SIZE = 2
 INF = float("inf")
 
 
@@ -41,71 +38,56 @@ def replica(seed=0):
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def worker(rank: int, init_file: str, result_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=30),
+def checks(rank: int) -> dict:
+    """This rank's results, run inside the gloo group."""
+    results = {}
+    model, optimizer = replica()
+    agreeing = LossScaler(init_scale=2.0**10, process_group="default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["agreeing_steps"] = [
+            one_iteration(model, optimizer, agreeing, rank),
+            one_iteration(model, optimizer, agreeing, rank, poisoned_rank=1),
+        ]
+    results["agreeing_warnings"] = [str(w.message) for w in caught]
+    results["agreeing_scale"] = agreeing.get_scale()
+    results["agreeing_reason"] = agreeing.history[-1].reason
+    results["params"] = [p.detach().clone() for p in model.parameters()]
+
+    # Headroom: the next scale comes from the largest gradient over all ranks.
+    model, optimizer = replica()
+    headroom = LossScaler(strategy="headroom", process_group=dist.new_group([0, 1]))
+    one_iteration(model, optimizer, headroom, rank, grad_size=4.0 if rank == 1 else 1.0)
+    results["headroom_scale"] = headroom.get_scale()
+
+    # A veto on rank 1 only (a spike in its own loss) skips the step on every rank.
+    model, optimizer = replica()
+    vetoing = LossScaler(init_scale=2.0**10, process_group="default")
+    optimizer.zero_grad()
+    vetoing.scale(model(torch.ones(4, 3)).sum()).backward()
+    results["veto_stepped"] = vetoing.step(
+        optimizer, veto=torch.tensor(rank == 1), veto_reason="spike"
     )
-    try:
-        results = {}
-        model, optimizer = replica()
-        agreeing = LossScaler(init_scale=2.0**10, process_group="default")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            results["agreeing_steps"] = [
-                one_iteration(model, optimizer, agreeing, rank),
-                one_iteration(model, optimizer, agreeing, rank, poisoned_rank=1),
-            ]
-        results["agreeing_warnings"] = [str(w.message) for w in caught]
-        results["agreeing_scale"] = agreeing.get_scale()
-        results["agreeing_reason"] = agreeing.history[-1].reason
-        results["params"] = [p.detach().clone() for p in model.parameters()]
+    vetoing.update()
+    results["veto_record"] = tuple(vetoing.history[-1])
+    results["veto_params"] = [p.detach().clone() for p in model.parameters()]
 
-        # Headroom: the next scale comes from the largest gradient over all ranks.
-        model, optimizer = replica()
-        headroom = LossScaler(strategy="headroom", process_group=dist.new_group([0, 1]))
-        one_iteration(model, optimizer, headroom, rank, grad_size=4.0 if rank == 1 else 1.0)
-        results["headroom_scale"] = headroom.get_scale()
-
-        # A veto on rank 1 only (a spike in its own loss) skips the step on every rank.
-        model, optimizer = replica()
-        vetoing = LossScaler(init_scale=2.0**10, process_group="default")
-        optimizer.zero_grad()
-        vetoing.scale(model(torch.ones(4, 3)).sum()).backward()
-        results["veto_stepped"] = vetoing.step(
-            optimizer, veto=torch.tensor(rank == 1), veto_reason="spike"
-        )
-        vetoing.update()
-        results["veto_record"] = tuple(vetoing.history[-1])
-        results["veto_params"] = [p.detach().clone() for p in model.parameters()]
-
-        model, optimizer = replica()
-        unaware = LossScaler(init_scale=2.0**10)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            results["unaware_steps"] = [
-                one_iteration(model, optimizer, unaware, rank, poisoned_rank=1),
-                one_iteration(model, optimizer, unaware, rank, poisoned_rank=1),
-            ]
-        results["unaware_warnings"] = [str(w.message) for w in caught]
-        torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model, optimizer = replica()
+    unaware = LossScaler(init_scale=2.0**10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["unaware_steps"] = [
+            one_iteration(model, optimizer, unaware, rank, poisoned_rank=1),
+            one_iteration(model, optimizer, unaware, rank, poisoned_rank=1),
+        ]
+    results["unaware_warnings"] = [str(w.message) for w in caught]
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     directory = tmp_path_factory.mktemp("scaling_distributed")
-    mp.spawn(
-        worker,
-        args=(str(directory / "init"), str(directory)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    return [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return run_on_ranks(checks, directory)
 
 
 def test_inf_on_one_rank_makes_every_rank_skip(rank_results):
