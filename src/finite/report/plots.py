@@ -157,6 +157,14 @@ def _of_rank(table: Table, rank: int | None) -> Table:
     return table.where(rank=rank)
 
 
+def _rank_rows(history: History, table: str, *columns: str) -> tuple[Table, str, str]:
+    """The shown rank's rows of ``history.<table>``, the rank note, and why ``columns``
+    cannot be plotted ("" when they can)."""
+    rank, rank_note = _shown_rank(history)
+    rows = _of_rank(getattr(history, table), rank)
+    return rows, rank_note, _missing(rows, *columns)
+
+
 def _finite_or_nan(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(values), values, np.nan)
@@ -213,9 +221,7 @@ def plot_loss(history: History) -> Plot:
     Spikes follow :func:`finite.report.spikes.loss_spikes` (the ``SpikeGuard`` rule).
     """
     name, title = "loss", "Loss"
-    rank, rank_note = _shown_rank(history)
-    steps = _of_rank(history.steps, rank)
-    missing = _missing(steps, "step", "loss")
+    steps, rank_note, missing = _rank_rows(history, "steps", "step", "loss")
     if missing:
         return _omitted(name, title, missing)
     step, loss = steps["step"], steps["loss"].astype(np.float64)
@@ -258,9 +264,7 @@ def plot_grad_norm(history: History, *, clip_threshold: float | None = None) -> 
         isinstance(clip_threshold, (int, float)) and not isinstance(clip_threshold, bool)
     ):
         raise TypeError(f"clip_threshold must be a number, got {type(clip_threshold).__name__}")
-    rank, rank_note = _shown_rank(history)
-    steps = _of_rank(history.steps, rank)
-    missing = _missing(steps, "step", "grad_norm")
+    steps, rank_note, missing = _rank_rows(history, "steps", "step", "grad_norm")
     if missing:
         return _omitted(name, title, missing)
     step, norm = steps["step"], steps["grad_norm"].astype(np.float64)
@@ -292,9 +296,7 @@ def plot_grad_norm(history: History, *, clip_threshold: float | None = None) -> 
 def plot_loss_scale(history: History) -> Plot:
     """The loss scaler's scale per step (log2 axis), with skipped steps marked."""
     name, title = "loss_scale", "Loss scale"
-    rank, rank_note = _shown_rank(history)
-    steps = _of_rank(history.steps, rank)
-    missing = _missing(steps, "step", "loss_scale")
+    steps, rank_note, missing = _rank_rows(history, "steps", "step", "loss_scale")
     if missing:
         return _omitted(name, title, missing)
     step, scale = steps["step"], steps["loss_scale"].astype(np.float64)
@@ -322,9 +324,7 @@ def plot_grad_norm_heatmap(history: History) -> Plot:
     value (no gradient, or a zero norm); red: a gradient with inf/NaN.
     """
     name, title = "grad_norm_heatmap", "Gradient norm per parameter"
-    rank, rank_note = _shown_rank(history)
-    params = _of_rank(history.params, rank)
-    missing = _missing(params, "step", "param", "grad_norm")
+    params, rank_note, missing = _rank_rows(history, "params", "step", "param", "grad_norm")
     if missing:
         return _omitted(name, title, missing)
     norm = params["grad_norm"].astype(np.float64)
@@ -345,7 +345,7 @@ def plot_grad_norm_heatmap(history: History) -> Plot:
         count = params["grad_nonfinite"]
         # -1 is "some inf/NaN, not counted" or "no gradient": a NaN norm at a step whose
         # gradients held inf/NaN is taken as the former.
-        steps_table = _of_rank(history.steps, rank)
+        steps_table, _, _ = _rank_rows(history, "steps")
         if "nonfinite_grads" in steps_table:
             bad_steps = steps_table["step"][steps_table["nonfinite_grads"] > 0]
             bad_rows |= (count == -1) & np.isnan(norm) & np.isin(params["step"], bad_steps)
@@ -411,9 +411,7 @@ def plot_histograms(history: History) -> Plot:
     magnitude: flush to zero, subnormal, normal, overflow.
     """
     name, title = "histograms", "Exponent histograms (log2 magnitude)"
-    rank, rank_note = _shown_rank(history)
-    table = _of_rank(history.histograms, rank)
-    missing = _missing(table, "step", "tensor", "counts")
+    table, rank_note, missing = _rank_rows(history, "histograms", "step", "tensor", "counts")
     if missing:
         return _omitted(name, title, missing)
     bins = history.bins
@@ -485,9 +483,7 @@ def plot_update_ratio(history: History) -> Plot:
     format (see ``docs/precision.md``).
     """
     name, title = "update_ratio", "Update ratio per parameter"
-    rank, rank_note = _shown_rank(history)
-    params = _of_rank(history.params, rank)
-    missing = _missing(params, "step", "param", "update_ratio")
+    params, rank_note, missing = _rank_rows(history, "params", "step", "param", "update_ratio")
     if missing:
         return _omitted(name, title, missing)
     ratio = params["update_ratio"].astype(np.float64)
