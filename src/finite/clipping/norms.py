@@ -36,14 +36,16 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- arguments
-def as_tensor_list(tensors: object, name: str) -> list[torch.Tensor]:
-    """``tensors`` (a tensor or an iterable of tensors) as a list, each checked to be a tensor."""
+def as_tensor_list(
+    tensors: object, name: str, accepted: str = "a tensor or an iterable of tensors"
+) -> list[torch.Tensor]:
+    """``tensors`` (a tensor or an iterable of tensors) as a list, each checked to be a tensor.
+
+    ``accepted`` words the TypeError for anything else."""
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
-        raise TypeError(
-            f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}"
-        )
+        raise TypeError(f"{name} must be {accepted}, got {type(tensors).__name__}")
     items = list(tensors)
     for index, item in enumerate(items):
         if not isinstance(item, torch.Tensor):

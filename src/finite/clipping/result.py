@@ -16,6 +16,14 @@ from typing import Any, NamedTuple
 
 import torch
 
+from finite.clipping.norms import (
+    as_tensor_list,
+    domains_norm,
+    gradients_of,
+    scale_,
+    split_domains,
+)
+
 
 class ClipResult(NamedTuple):
     """The outcome of one clipping call, as 0-d device tensors (nothing is read on the host).
@@ -78,18 +86,7 @@ def parameter_list(parameters: object) -> list[torch.Tensor]:
     """``parameters`` (a module, a tensor or an iterable of tensors) as a list of tensors."""
     if isinstance(parameters, torch.nn.Module):
         return list(parameters.parameters())
-    if isinstance(parameters, torch.Tensor):
-        return [parameters]
-    if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
-        raise TypeError(
-            "parameters must be a module, a tensor or an iterable of tensors, "
-            f"got {type(parameters).__name__}"
-        )
-    items = list(parameters)
-    for index, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(f"parameters[{index}] must be a tensor, got {type(item).__name__}")
-    return items
+    return as_tensor_list(parameters, "parameters", "a module, a tensor or an iterable of tensors")
 
 
 def clip_by_global_norm_(
@@ -102,8 +99,6 @@ def clip_by_global_norm_(
     ``decide(norm, record)`` returns the result and the coefficient; ``record`` is False on
     a rank with no gradients and no ``process_group``, whose norm carries no information.
     """
-    from finite.clipping.norms import domains_norm, gradients_of, scale_, split_domains
-
     grads = gradients_of(parameter_list(parameters))
     domains = split_domains(grads, "gradients")
     norm = domains_norm(domains, 2.0, process_group=process_group)
