@@ -607,6 +607,12 @@ def test_planner_bad_budget_raises(budget, error):
         plan_checkpointing(sixteen_blocks(), torch.randn(2, 32), budget)
 
 
+@pytest.mark.parametrize("segments", ["yes", 1, None])
+def test_planner_rejects_a_segments_flag_that_is_not_a_bool(segments):
+    with pytest.raises(TypeError, match="segments must be a bool, got"):
+        plan_checkpointing(sixteen_blocks(), torch.randn(2, 32), 10**6, segments=segments)
+
+
 def make_intervals(chains, values):
     """Every interval [i:j) of chains of the given lengths, with drawn costs."""
     intervals, k = [], 0

@@ -241,6 +241,8 @@ def plan_checkpointing(
         raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not isinstance(segments, bool):
+        raise TypeError(f"segments must be a bool, got {type(segments).__name__}")
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
 
