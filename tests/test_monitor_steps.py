@@ -459,3 +459,20 @@ def test_explicit_precision_is_kept_under_autocast_inside_the_forward():
         model(torch.randn(2, 4)).float().sum().backward()
         monitor.step()
         assert monitor.format.name == "float16"
+
+
+def test_close_rejects_an_end_step_that_is_not_a_bool():
+    monitor = Monitor(nn.Linear(2, 1))
+    with pytest.raises(TypeError, match="end_step must be a bool, got str"):
+        monitor.close(end_step="no")
+    monitor.close()
+
+
+def test_close_without_ending_drops_the_step_in_progress():
+    model = nn.Linear(2, 1)
+    monitor = Monitor(model, sync_every=1)
+    model(torch.randn(3, 2)).sum().backward()
+    monitor.step()
+    model(torch.randn(3, 2)).sum().backward()  # a second step, never ended
+    monitor.close(end_step=False)
+    assert monitor.history.steps["step"].tolist() == [0]

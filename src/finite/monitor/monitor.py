@@ -553,6 +553,8 @@ class Monitor:
             a last step. False drops it: a model that also ran in another model's step
             (a GAN's critic in the generator's step) has no step of its own there.
         """
+        if not isinstance(end_step, bool):
+            raise TypeError(f"end_step must be a bool, got {type(end_step).__name__}")
         if self._closed:
             return
         if self._trace.activity and end_step:
